@@ -1,0 +1,104 @@
+"""The ``rare-ray`` command.
+
+rare-ray run --config configs/local.yaml [--input PATH] [--output DIR]
+rare-ray doc2query|bm25|distill --config ... --input PATH --output DIR
+rare-ray build-test-model [--output models/tiny-llama] [--if-missing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rare_ray.config import ALL_STAGES, RunConfig, StageName
+
+TEST_MODEL_DIR = "models/tiny-llama"
+
+_STAGE_COMMANDS: dict[str, tuple[StageName, ...]] = {
+    "run": ALL_STAGES,
+    "doc2query": ("doc2query",),
+    "bm25": ("bm25",),
+    "distill": ("distill",),
+}
+_HELP = {
+    "run": "run Doc2Query -> BM25HardNeg -> ReasonDistill end to end",
+    "doc2query": "write a question and a scenario per document (needs: text)",
+    "bm25": "mine BM25 hard negatives (needs: question, text)",
+    "distill": "write reasoning chains (needs: text, question, scenario, hard_negatives)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rare-ray", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in _HELP.items():
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", required=True, help="YAML run configuration")
+        sub.add_argument("--input", help="corpus path (overrides the config)")
+        sub.add_argument("--output", help="output directory (overrides the config)")
+        sub.add_argument("--limit", type=int, help="use only the first N documents")
+        if name == "bm25":
+            sub.add_argument("--corpus", help="index this corpus instead of the input's texts")
+    model = commands.add_parser("build-test-model", help="build the tiny random-weight model")
+    model.add_argument("--output", default=TEST_MODEL_DIR)
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--if-missing", action="store_true", help="do nothing if it exists")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "build-test-model":
+        return _build_test_model(args)
+
+    from rare_ray.io.readers import InputError
+    from rare_ray.io.writers import OutputError
+    from rare_ray.pipeline import run
+
+    try:
+        config = RunConfig.from_yaml(
+            args.config, input=args.input, output=args.output, limit=args.limit
+        )
+    except (OSError, ValidationError) as e:
+        print(f"rare-ray: bad config {args.config}:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        manifest = run(config, _STAGE_COMMANDS[args.command], corpus=getattr(args, "corpus", None))
+    except (InputError, OutputError) as e:
+        print(f"rare-ray: {e}", file=sys.stderr)
+        return 2
+    _summary(manifest)
+    return 0
+
+
+def _build_test_model(args: argparse.Namespace) -> int:
+    from rare_ray.testing.tiny_llama import build_tiny_llama
+
+    if args.if_missing and (Path(args.output) / "config.json").is_file():
+        print(f"test model already at {args.output}")
+        return 0
+    path = build_tiny_llama(args.output, seed=args.seed)
+    print(f"test model written to {path}")
+    return 0
+
+
+def _summary(manifest: dict[str, Any]) -> None:
+    counts = manifest["counts"]
+    print("\nstage        in      kept  rejected  seconds")
+    for stage, c in counts["stages"].items():
+        seconds = manifest["timings_seconds"].get(stage, 0.0)
+        print(f"{stage:<10} {c['in']:>6} {c['out']:>9} {c['rejected']:>9} {seconds:>8.1f}")
+    out = manifest["output"]
+    print(
+        f"\n{counts['output_rows']} rows in {out}/data, {counts['rejected_rows']} in "
+        f"{out}/rejects ({counts['input_rows']} input rows); manifest: {out}/manifest.json"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

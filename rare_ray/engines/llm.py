@@ -1,0 +1,136 @@
+"""Batch generation with vLLM through Ray's own batch-inference layer, ``ray.data.llm``.
+
+An operator describes each request with a function ``render(row, fit) -> (messages, sampling)``,
+where ``fit(text, max_tokens)`` truncates a document to a token budget with the model's own
+tokenizer. This module turns that into a ``ray.data.llm`` processor and hands back the input
+columns plus ``_generated_text``, ``_generated_tokens``, ``_inference_error`` and
+``_truncated`` (documents cut to fit).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from rare_ray.config import VLLMEngineConfig
+
+Messages = list[dict[str, str]]
+Fit = Callable[[str, int], str]
+Render = Callable[[dict[str, Any], Fit], tuple[Messages, dict[str, Any]]]
+
+GENERATED_TEXT = "_generated_text"
+GENERATED_TOKENS = "_generated_tokens"
+INFERENCE_ERROR = "_inference_error"
+TRUNCATED = "_truncated"
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+class _TokenBudget:
+    """Truncates documents to a token budget; counts how many it had to cut."""
+
+    def __init__(self, model: str):
+        self.tokenizer = _tokenizer(model)
+        self.truncated = 0
+
+    def __call__(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= max_tokens:
+            return text
+        self.truncated += 1
+        return self.tokenizer.decode(ids[:max_tokens])
+
+
+def _render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
+    messages, sampling, truncated = [], [], []
+    for row in batch.to_pylist():
+        fit = _TokenBudget(model)
+        m, s = render(row, fit)
+        messages.append(m)
+        sampling.append(s)
+        truncated.append(fit.truncated)
+    return (
+        batch.append_column("messages", pa.array(messages))
+        .append_column("sampling_params", pa.array(sampling))
+        .append_column(TRUNCATED, pa.array(truncated, pa.int32()))
+    )
+
+
+def _project(batch: pa.Table, keep: list[str]) -> pa.Table:
+    """The input columns and the generation's results; drops the processor's own columns."""
+    errors = batch["__inference_error__"].to_pylist()
+    return pa.table(
+        {
+            **{name: batch[name] for name in keep},
+            TRUNCATED: batch[TRUNCATED],
+            GENERATED_TEXT: batch["generated_text"].cast(pa.string()),
+            GENERATED_TOKENS: batch["num_generated_tokens"].cast(pa.int32()),
+            INFERENCE_ERROR: pa.array([e or None for e in errors], pa.string()),
+        }
+    )
+
+
+def processor_config(engine: VLLMEngineConfig) -> Any:
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs: dict[str, Any] = {
+        "max_model_len": engine.max_model_len,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        # No free-form whitespace inside JSON answers: a weak model can loop on it forever.
+        "structured_outputs_config": {
+            "backend": engine.structured_output_backend,
+            "disable_any_whitespace": True,
+        },
+        **engine.engine_kwargs,
+    }
+    extra: dict[str, Any] = {}
+    if engine.device == "cpu":
+        # Without a placement group of its own, the engine asks Ray for a GPU.
+        extra["placement_group_config"] = {"bundles": [{"CPU": engine.cpus_per_replica}]}
+    elif engine.accelerator_type:
+        extra["accelerator_type"] = engine.accelerator_type
+    return vLLMEngineProcessorConfig(
+        model_source=engine.model,
+        engine_kwargs=engine_kwargs,
+        batch_size=engine.batch_size,
+        concurrency=engine.replicas,
+        max_concurrent_batches=engine.max_concurrent_batches,
+        # A failed request becomes a row with an error (a reject), not a failed job.
+        should_continue_on_error=True,
+        # Engine metrics need ray[serve]; the manifest records what we need.
+        log_engine_metrics=False,
+        **extra,
+    )
+
+
+def generate(ds: ray.data.Dataset, engine: VLLMEngineConfig, render: Render) -> ray.data.Dataset:
+    """Run one request per row of ``ds``; every input row comes back, with its generation."""
+    from ray.data.llm import build_processor
+
+    keep = ds.columns()
+    processor = build_processor(processor_config(engine))
+    prompts = ds.map_batches(
+        functools.partial(_render_batch, model=engine.model, render=render),
+        batch_format="pyarrow",
+        batch_size=engine.batch_size,
+    )
+    return processor(prompts).map_batches(
+        functools.partial(_project, keep=keep), batch_format="pyarrow"
+    )
+
+
+def json_schema_sampling(schema: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
+    """Sampling parameters that constrain the answer to ``schema`` (vLLM structured outputs)."""
+    return {**sampling, "structured_outputs": {"json": json.dumps(schema)}}

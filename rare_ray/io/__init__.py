@@ -1,0 +1,1 @@
+"""Reading corpora and writing results: kept apart from the operators' logic."""

@@ -1,0 +1,263 @@
+"""Reading a corpus into a Ray Dataset with one schema and a reason for every bad row.
+
+Accepted: JSONL (one object a line), a JSON array, or Parquet; a file or a directory of them,
+on a local path or any filesystem pyarrow supports. JSON files are parsed by us, one line at a
+time, so that a bad line (invalid JSON or UTF-8, a wrong type, an empty document) becomes a
+reject with its file and line number instead of failing the whole read. Columns the run does
+not use are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+
+from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, content_key, table
+
+SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "pubmedqa" / "corpus.jsonl"
+SAMPLE_QUESTIONS = SAMPLE_CORPUS.with_name("questions.jsonl")
+
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+# What a column must hold: a non-empty string, or a list of strings.
+ColumnKind = Literal["text", "text_list"]
+
+# How many records of the first file are looked at before any engine starts.
+_PEEK_RECORDS = 200
+
+
+class InputError(ValueError):
+    """The input cannot be used; raised before any engine starts."""
+
+
+def input_schema(columns: Mapping[str, ColumnKind]) -> pa.Schema:
+    fields = [pa.field(ID, pa.string())]
+    for name, kind in columns.items():
+        fields.append(pa.field(name, pa.list_(pa.string()) if kind == "text_list" else pa.string()))
+    fields += [
+        pa.field(REJECT_REASON, pa.string()),
+        pa.field(SOURCE, pa.string()),
+        pa.field(LINE, pa.int64()),
+    ]
+    return pa.schema(fields)
+
+
+def list_input_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The corpus files under ``path``, sorted, so that every run reads them in one order."""
+    try:
+        fs, root = pafs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, ValueError):
+        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {path!r} does not exist")
+    if info.type == pafs.FileType.File:
+        files = [root]
+    else:
+        selector = pafs.FileSelector(root, recursive=True)
+        files = sorted(
+            i.path
+            for i in fs.get_file_info(selector)
+            if i.type == pafs.FileType.File and i.path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
+        )
+        if not files:
+            raise InputError(f"input directory {path!r} holds no .jsonl, .json or .parquet file")
+    kinds = {f.endswith(PARQUET_SUFFIXES) for f in files}
+    if len(kinds) > 1:
+        raise InputError(f"input {path!r} mixes Parquet and JSON files; use one format")
+    return fs, files
+
+
+def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> None:
+    """Fail fast, in the driver, on an input that no row of which could be used."""
+    fs, files = list_input_files(path)
+    first = files[0]
+    if first.endswith(PARQUET_SUFFIXES):
+        schema = pq.read_schema(first, filesystem=fs)
+        for name, kind in columns.items():
+            if name not in schema.names:
+                raise InputError(
+                    f"{first}: no column {name!r} (columns: {', '.join(schema.names)})"
+                )
+            want = pa.list_(pa.string()) if kind == "text_list" else pa.string()
+            got = schema.field(name).type
+            if not (got == want or (kind == "text" and pa.types.is_large_string(got))):
+                raise InputError(f"{first}: column {name!r} is {got}, expected {want}")
+        return
+    seen: set[str] = set()
+    with fs.open_input_stream(first) as f:
+        head = f.read(8 << 20)
+    records = list(_parse_json_bytes(head, first, limit=_PEEK_RECORDS, tolerate_partial=True))
+    parsed = [r for r, _ in records if isinstance(r, dict)]
+    if not parsed:
+        raise InputError(f"{first}: no JSON object in its first {_PEEK_RECORDS} records")
+    for record in parsed:
+        seen.update(record)
+    missing = [name for name in columns if name not in seen]
+    if missing:
+        raise InputError(
+            f"{first}: no {', '.join(map(repr, missing))} field in its first {len(parsed)} "
+            f"records (fields seen: {', '.join(sorted(seen)) or 'none'})"
+        )
+
+
+def read_documents(
+    path: str,
+    columns: Mapping[str, ColumnKind],
+    id_key: str = ID,
+    limit: int | None = None,
+) -> ray.data.Dataset:
+    """Read a corpus: one row per input record, bad ones marked with a ``reject_reason``.
+
+    Rows come back with the columns ``id``, each of ``columns``, ``reject_reason``, ``source``
+    and ``line``. An absent id is derived from the content; ids that repeat are rejected after
+    the first occurrence (by file and line).
+    """
+    check_input(path, columns, id_key)
+    fs, files = list_input_files(path)
+    schema = input_schema(columns)
+    normalize = _Normalizer(columns, id_key, schema)
+    if files[0].endswith(PARQUET_SUFFIXES):
+        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
+        ds = ds.map_batches(normalize.parquet_batch, batch_format="pyarrow")
+    else:
+        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+        # One file per call: its lines are numbered within it.
+        ds = ds.map_batches(normalize.json_files, batch_size=1, batch_format="pyarrow")
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds.groupby(ID).map_groups(_reject_repeated_ids, batch_format="pyarrow")
+
+
+class _Normalizer:
+    """Turns raw records into rows of the input schema, with a reason where one is bad."""
+
+    def __init__(self, columns: Mapping[str, ColumnKind], id_key: str, schema: pa.Schema):
+        self.columns = dict(columns)
+        self.id_key = id_key
+        self.schema = schema
+
+    def json_files(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist(), strict=True):
+            for line, (record, error) in enumerate(_parse_json_bytes(data, path), start=1):
+                if error is None:
+                    rows.append(self.row(record, path, line))
+                else:
+                    rows.append(self.reject(error, path, line))
+        return table(rows, self.schema)
+
+    def parquet_batch(self, batch: pa.Table) -> pa.Table:
+        records = batch.to_pylist()
+        rows = [self.row(r, r.get("path"), None) for r in records]
+        return table(rows, self.schema)
+
+    def reject(self, reason: str, source: str | None, line: int | None) -> dict[str, Any]:
+        return {
+            **dict.fromkeys(self.schema.names),
+            REJECT_REASON: reason,
+            SOURCE: source,
+            LINE: line,
+        }
+
+    def row(self, record: Any, source: str | None, line: int | None) -> dict[str, Any]:
+        if not isinstance(record, dict):
+            return self.reject(f"expected a JSON object, got {type(record).__name__}", source, line)
+        out: dict[str, Any] = {SOURCE: source, LINE: line, REJECT_REASON: None}
+        problems = []
+        for name, kind in self.columns.items():
+            value, problem = _check_value(record.get(name, _MISSING), name, kind)
+            out[name] = value
+            if problem:
+                problems.append(problem)
+        raw_id = record.get(self.id_key)
+        if isinstance(raw_id, bool) or not isinstance(raw_id, str | int | type(None)):
+            problems.append(f"{self.id_key!r} is {type(raw_id).__name__}, expected string or int")
+        elif raw_id is not None and str(raw_id).strip():
+            out[ID] = str(raw_id).strip()
+        first_text = next((n for n, k in self.columns.items() if k == "text"), None)
+        if ID not in out and first_text and isinstance(out.get(first_text), str):
+            out[ID] = content_key(out[first_text])
+        if problems:
+            out[REJECT_REASON] = "; ".join(problems)
+        return out
+
+
+_MISSING = object()
+
+
+def _check_value(value: Any, name: str, kind: ColumnKind) -> tuple[Any, str | None]:
+    if value is _MISSING or value is None:
+        return None, f"{name!r} is missing"
+    if kind == "text":
+        if not isinstance(value, str):
+            return None, f"{name!r} is {type(value).__name__}, expected string"
+        if not value.strip():
+            return value, f"{name!r} is empty"
+        return value, None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return None, f"{name!r} must be a list of strings"
+    return value, None
+
+
+def _parse_json_bytes(
+    data: bytes, path: str, limit: int | None = None, tolerate_partial: bool = False
+) -> Iterator[tuple[Any, str | None]]:
+    """Yield (record, error) per record: a JSON array's items, or one per non-blank line.
+
+    For JSONL, the k-th yield is line k of the file (blank lines yield an error too, so line
+    numbers stay right and every line is accounted for).
+    """
+    if data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if tolerate_partial:
+                return
+            raise InputError(f"{path}: not a valid JSON array ({e})") from e
+        yield from ((item, None) for item in items[:limit])
+        return
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    for n, raw in enumerate(lines[:limit] if limit else lines, start=1):
+        if tolerate_partial and n == len(lines):
+            return  # the peek may have cut the last line short
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield None, f"invalid UTF-8 at byte {e.start} of the line"
+            continue
+        if not text.strip():
+            yield None, "blank line"
+            continue
+        try:
+            yield json.loads(text), None
+        except json.JSONDecodeError as e:
+            yield None, f"invalid JSON: {e.msg} at column {e.colno}"
+
+
+def _reject_repeated_ids(group: pa.Table) -> pa.Table:
+    """Within one id, keep the first good row by (source, line); reject the later ones."""
+    if group.num_rows < 2 or group[ID][0].as_py() is None:
+        return group
+    rows = group.to_pylist()
+    rows.sort(key=lambda r: (r[SOURCE] or "", r[LINE] or 0))
+    first = None
+    for row in rows:
+        if row[REJECT_REASON] is not None:
+            continue
+        if first is None:
+            first = row
+        else:
+            where = f"{first[SOURCE]}:{first[LINE]}" if first[LINE] else first[SOURCE]
+            row[REJECT_REASON] = f"duplicate id {row[ID]!r} (first seen at {where})"
+    return table(rows, group.schema)

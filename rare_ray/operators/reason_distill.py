@@ -1,0 +1,167 @@
+"""ReasonDistill: a teacher model reasons over the positive mixed with its hard negatives.
+
+The positive and the negatives are shuffled by a generator seeded from the run's seed and the
+row's id, so the order is the same on every run and on every machine, and shown as numbered
+documents. ``document_order`` records the shuffle (0 is the positive, k the k-th negative) and
+``positive_document`` the number the positive got. The raw response is kept; when the model
+separates its thinking with ``<think>`` tags, the two parts also get their own columns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from rare_ray.config import ReasonDistillConfig, VLLMEngineConfig
+from rare_ray.engines.llm import (
+    GENERATED_TEXT,
+    GENERATED_TOKENS,
+    INFERENCE_ERROR,
+    TRUNCATED,
+    Fit,
+    Messages,
+    generate,
+)
+from rare_ray.io.readers import ColumnKind
+from rare_ray.operators.base import Operator
+from rare_ray.rows import ID
+from rare_ray.seeding import row_rng, row_seed
+
+SYSTEM_PROMPT = (
+    "You are an expert who answers questions by reasoning carefully over retrieved documents. "
+    "Some documents are relevant and some only look relevant. Show your reasoning step by "
+    "step before you answer."
+)
+
+USER_PROMPT = """Scenario:
+{scenario}
+
+Question:
+{question}
+
+Retrieved documents:
+{documents}
+
+Work through the question step by step:
+1. For each document, decide whether it bears on the question and say why, citing it by its number, e.g. [2].
+2. Take the relevant facts and combine them with the details of the scenario, one step at a time.
+3. End with a clear, direct answer to the question."""
+
+_THINK = re.compile(r"^\s*<think>(?P<think>.*?)</think>(?P<answer>.*)$", re.DOTALL)
+
+
+def document_order(seed: int, row_id: str, n_documents: int) -> list[int]:
+    """The order in which the documents are shown: 0 is the positive, k the k-th negative."""
+    order = list(range(n_documents))
+    row_rng(seed, row_id, "shuffle").shuffle(order)
+    return order
+
+
+def split_thinking(text: str) -> tuple[str | None, str | None]:
+    """``(thinking, answer)`` when the response opens with a ``<think>`` block, else Nones."""
+    match = _THINK.match(text)
+    if not match:
+        return None, None
+    return match["think"].strip(), match["answer"].strip()
+
+
+class ReasonDistill(Operator):
+    """Has a teacher model write a reasoning chain over the positive and its negatives."""
+
+    name = "distill"
+
+    def __init__(
+        self,
+        engine: VLLMEngineConfig,
+        config: ReasonDistillConfig | None = None,
+        seed: int = 0,
+        **keys: Any,
+    ):
+        self.engine = engine
+        self.config = config or ReasonDistillConfig(**keys)
+        self.seed = seed
+        out = self.config.output_key
+        self.think_column, self.answer_column = f"{out}_think", f"{out}_answer"
+        self.finished_column = f"{out}_finished"
+
+    @property
+    def input_columns(self) -> Mapping[str, ColumnKind]:
+        cfg = self.config
+        return {
+            cfg.input_text_key: "text",
+            cfg.input_question_key: "text",
+            cfg.input_scenario_key: "text",
+            cfg.input_hardneg_key: "text_list",
+        }
+
+    @property
+    def output_fields(self) -> Sequence[pa.Field]:
+        return [
+            pa.field("document_order", pa.list_(pa.int32())),
+            pa.field("positive_document", pa.int32()),
+            pa.field(self.config.output_key, pa.string()),
+            pa.field(self.think_column, pa.string()),
+            pa.field(self.answer_column, pa.string()),
+            pa.field(self.finished_column, pa.bool_()),
+            pa.field(self.counter("truncated"), pa.int32()),
+            pa.field(self.counter("unfinished"), pa.int32()),
+        ]
+
+    def documents(self, row: dict[str, Any]) -> list[str]:
+        """Positive first, then the negatives: the indices ``document_order`` refers to."""
+        return [row[self.config.input_text_key], *(row[self.config.input_hardneg_key] or [])]
+
+    def render(self, row: dict[str, Any], fit: Fit) -> tuple[Messages, dict]:
+        cfg = self.config
+        docs = self.documents(row)
+        shown = [
+            fit(docs[i], cfg.max_doc_tokens) for i in document_order(self.seed, row[ID], len(docs))
+        ]
+        listing = "\n\n".join(f"[{n}] {text}" for n, text in enumerate(shown, start=1))
+        user = USER_PROMPT.format(
+            scenario=row[cfg.input_scenario_key],
+            question=row[cfg.input_question_key],
+            documents=listing,
+        )
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        return messages, self.engine.sampling(cfg.sampling, row_seed(self.seed, row[ID], self.name))
+
+    def parse(self, batch: pa.Table) -> pa.Table:
+        max_tokens = self.config.sampling.max_tokens
+        outputs: dict[str, list[Any]] = {f.name: [] for f in self.output_fields}
+        reasons: list[str | None] = []
+        for row, text, tokens, error in zip(
+            batch.to_pylist(),
+            batch[GENERATED_TEXT].to_pylist(),
+            batch[GENERATED_TOKENS].to_pylist(),
+            batch[INFERENCE_ERROR].to_pylist(),
+            strict=True,
+        ):
+            order = document_order(self.seed, row[ID], len(self.documents(row)))
+            if error:
+                reason: str | None = f"engine error: {error}"
+            elif not (text or "").strip():
+                reason = "empty generation"
+            else:
+                reason = None
+            think, answer = split_thinking(text) if reason is None else (None, None)
+            finished = reason is None and (tokens or 0) < max_tokens
+            outputs["document_order"].append(order)
+            outputs["positive_document"].append(order.index(0) + 1)
+            outputs[self.config.output_key].append(text if reason is None else None)
+            outputs[self.think_column].append(think)
+            outputs[self.answer_column].append(answer)
+            outputs[self.finished_column].append(finished if reason is None else None)
+            outputs[self.counter("unfinished")].append(int(reason is None and not finished))
+            reasons.append(reason)
+        outputs[self.counter("truncated")] = batch[TRUNCATED].to_pylist()
+        return self.with_outputs(batch, outputs, reasons)
+
+    def run(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        return generate(ds, self.engine, self.render).map_batches(
+            self.parse, batch_format="pyarrow"
+        )

@@ -1,0 +1,1 @@
+"""Helpers for tests and local development (no network, no model hub)."""

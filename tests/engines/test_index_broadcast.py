@@ -1,0 +1,61 @@
+"""The index's trip through the object store, and its node-local unpack."""
+
+import json
+import threading
+
+import pytest
+import ray
+
+from rare_ray.engines.index_broadcast import UNPACK_LOG, IndexBuild, local_index
+from rare_ray.engines.lucene import LuceneSearcher
+from tests.conftest import sample_rows
+
+
+@pytest.fixture(scope="module")
+def built(ray_local):
+    corpus = ray.data.from_items(sample_rows(200))
+    # Small chunks: the index must come back from many pieces.
+    return IndexBuild.start(corpus, "text", 0.9, 0.4, chunk_bytes=64 << 10).result()
+
+
+def test_build_reports_a_fingerprint_and_is_chunked(built):
+    assert built.num_docs == 200
+    assert len(built.chunks) > 1
+    assert built.describe()["analyzer"].startswith("anserini")
+    assert len(built.fingerprint) == 24
+
+
+def test_same_corpus_in_another_order_has_the_same_fingerprint(ray_local, built):
+    corpus = ray.data.from_items(list(reversed(sample_rows(200))))
+    again = IndexBuild.start(corpus, "text", 0.9, 0.4, chunk_bytes=64 << 10).result()
+    assert again.fingerprint == built.fingerprint
+    other = IndexBuild.start(corpus, "text", 1.2, 0.75, chunk_bytes=64 << 10).result()
+    assert other.fingerprint != built.fingerprint
+
+
+def test_concurrent_callers_on_a_node_unpack_once(built, tmp_path):
+    paths = []
+    threads = [
+        threading.Thread(target=lambda: paths.append(local_index(built, tmp_path)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1
+    unpacks = (tmp_path / UNPACK_LOG).read_text().splitlines()
+    assert len(unpacks) == 1
+    assert json.loads(unpacks[0])["fingerprint"] == built.fingerprint
+    hits = LuceneSearcher(paths[0]).search([sample_rows(1)[0]["text"][:200]], depth=3)
+    assert hits[0][0].docid == sample_rows(1)[0]["id"]
+
+
+def test_a_partial_unpack_is_redone(built, tmp_path):
+    (tmp_path / f"{built.fingerprint}.partial").mkdir()
+    (tmp_path / f"{built.fingerprint}.partial" / "junk").write_text("crashed mid-unpack")
+    (tmp_path / f"{built.fingerprint}.tar.partial").write_bytes(b"half")
+    path = local_index(built, tmp_path)
+    assert not (path / "junk").exists()
+    assert not (tmp_path / f"{built.fingerprint}.partial").exists()
+    assert LuceneSearcher(path).num_docs == 200

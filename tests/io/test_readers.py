@@ -1,0 +1,102 @@
+"""Reading corpora: every input row comes back once, bad ones with a reason and a location."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rare_ray.io.readers import InputError, check_input, read_documents
+from rare_ray.rows import content_key
+from tests.conftest import write_jsonl
+
+TEXT = {"text": "text"}
+
+
+def _by_line(rows):
+    return {r["line"]: r for r in rows}
+
+
+def test_missing_text_column_is_an_error_before_reading(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "body": "x"}])
+    with pytest.raises(InputError, match=r"no 'text' field .*fields seen: body, id"):
+        check_input(str(path), TEXT, "id")
+
+
+def test_missing_parquet_column_and_wrong_type_are_errors(tmp_path):
+    pq.write_table(pa.table({"id": ["1"], "body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(InputError, match="no column 'text'"):
+        check_input(str(tmp_path / "a.parquet"), TEXT, "id")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "b.parquet")
+    with pytest.raises(InputError, match="column 'text' is int64"):
+        check_input(str(tmp_path / "b.parquet"), TEXT, "id")
+
+
+def test_missing_path_and_empty_directory_are_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        check_input(str(tmp_path / "nope.jsonl"), TEXT, "id")
+    with pytest.raises(InputError, match=r"no \.jsonl, \.json or \.parquet"):
+        check_input(str(tmp_path), TEXT, "id")
+
+
+def test_bad_rows_are_rejected_with_their_reason_and_line(ray_local, tmp_path):
+    path = tmp_path / "c.jsonl"
+    lines = [
+        json.dumps({"id": "a", "text": "first"}),
+        json.dumps({"id": "a", "text": "same id again"}),
+        json.dumps({"id": "b", "text": ""}),
+        json.dumps({"id": "c", "text": "   \n\t "}),
+        json.dumps({"id": "d", "text": 42}),
+        json.dumps({"id": "e"}),
+        json.dumps({"id": ["x"], "text": "id is a list"}),
+        "",
+        json.dumps({"text": "no id, so one is derived"}),
+        json.dumps([1, 2]),
+    ]
+    raw = "\n".join(lines).encode() + b"\n\xff\xfe not utf-8\n" + b'{"id": "z", "text": "cut'
+    path.write_bytes(raw)
+    rows = read_documents(str(path), TEXT).take_all()
+    assert len(rows) == 12  # one row per input line, good or bad
+    by_line = _by_line(rows)
+    assert by_line[1]["reject_reason"] is None
+    assert "duplicate id 'a'" in by_line[2]["reject_reason"]
+    assert by_line[2]["reject_reason"].endswith(f"{path}:1)")
+    assert by_line[3]["reject_reason"] == "'text' is empty"
+    assert by_line[4]["reject_reason"] == "'text' is empty"
+    assert by_line[5]["reject_reason"] == "'text' is int, expected string"
+    assert by_line[6]["reject_reason"] == "'text' is missing"
+    assert "'id' is list" in by_line[7]["reject_reason"]
+    assert by_line[8]["reject_reason"] == "blank line"
+    assert by_line[9]["reject_reason"] is None
+    assert by_line[9]["id"] == content_key("no id, so one is derived")
+    assert by_line[10]["reject_reason"] == "expected a JSON object, got list"
+    assert by_line[11]["reject_reason"].startswith("invalid UTF-8")
+    assert by_line[12]["reject_reason"].startswith("invalid JSON")
+    assert all(r["source"] == str(path) for r in rows)
+
+
+def test_json_array_and_parquet_inputs(ray_local, tmp_path):
+    docs = [{"id": str(i), "text": f"document {i}"} for i in range(5)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    rows = read_documents(str(tmp_path / "docs.json"), TEXT).take_all()
+    assert sorted(r["id"] for r in rows) == [d["id"] for d in docs]
+
+    pq.write_table(
+        pa.Table.from_pylist([*docs, {"id": "0", "text": "dup"}]), tmp_path / "d.parquet"
+    )
+    rows = read_documents(str(tmp_path / "d.parquet"), TEXT).take_all()
+    assert len(rows) == 6
+    assert sum(r["reject_reason"] is not None for r in rows) == 1
+
+
+def test_integer_ids_become_strings_and_limit_applies(ray_local, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "text": f"t{i}"} for i in range(10)])
+    rows = read_documents(str(path), TEXT, limit=4).take_all()
+    assert len(rows) == 4
+    assert all(isinstance(r["id"], str) for r in rows)
+
+
+def test_same_text_without_ids_is_a_duplicate(ray_local, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "same words"}, {"text": "same  words"}])
+    rows = read_documents(str(path), TEXT).take_all()
+    assert sorted(r["reject_reason"] is None for r in rows) == [False, True]

@@ -1,0 +1,57 @@
+"""The shuffle, the prompt and the parsing of ReasonDistill (no engine needed)."""
+
+import pyarrow as pa
+
+from rare_ray.config import VLLMEngineConfig
+from rare_ray.engines.llm import GENERATED_TEXT, GENERATED_TOKENS, INFERENCE_ERROR, TRUNCATED
+from rare_ray.operators.reason_distill import ReasonDistill, document_order, split_thinking
+
+ENGINE = VLLMEngineConfig(model="unused", seed_requests=False)
+ROW = {
+    "id": "doc-1",
+    "text": "POSITIVE",
+    "question": "Why?",
+    "scenario": "A case.",
+    "hard_negatives": ["NEG-A", "NEG-B", "NEG-C"],
+}
+
+
+def test_order_is_reproducible_per_seed_and_row_and_a_permutation():
+    assert document_order(0, "doc-1", 4) == document_order(0, "doc-1", 4)
+    assert sorted(document_order(0, "doc-1", 4)) == [0, 1, 2, 3]
+    orders = {tuple(document_order(s, r, 4)) for s in range(5) for r in ("x", "y", "z")}
+    assert len(orders) > 1
+
+
+def test_prompt_shows_the_documents_in_the_recorded_order():
+    op = ReasonDistill(ENGINE, seed=3)
+    messages, sampling = op.render(ROW, lambda text, _: text)
+    user = messages[-1]["content"]
+    order = document_order(3, "doc-1", 4)
+    docs = op.documents(ROW)
+    for number, index in enumerate(order, start=1):
+        assert f"[{number}] {docs[index]}" in user
+    assert "Why?" in user and "A case." in user
+    assert "seed" not in sampling
+
+
+def test_split_thinking():
+    assert split_thinking("<think> steps </think> answer") == ("steps", "answer")
+    assert split_thinking("no tags here") == (None, None)
+
+
+def test_parse_records_the_positive_number_and_rejects_empty_generations():
+    op = ReasonDistill(ENGINE, seed=0)
+    batch = (
+        pa.Table.from_pylist([ROW, {**ROW, "id": "doc-2"}])
+        .append_column(GENERATED_TEXT, pa.array(["<think>a</think>b", "  "]))
+        .append_column(GENERATED_TOKENS, pa.array([5, 1], pa.int32()))
+        .append_column(INFERENCE_ERROR, pa.array([None, None], pa.string()))
+        .append_column(TRUNCATED, pa.array([0, 0], pa.int32()))
+    )
+    rows = op.parse(batch).to_pylist()
+    assert rows[0]["positive_document"] == document_order(0, "doc-1", 4).index(0) + 1
+    assert rows[0]["reasoning_think"] == "a" and rows[0]["reasoning_answer"] == "b"
+    assert rows[0]["reject_reason"] is None and rows[0]["reasoning_finished"] is True
+    assert rows[1]["reject_reason"] == "empty generation"
+    assert not any(k.startswith("_generated") for k in rows[0])

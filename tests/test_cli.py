@@ -1,0 +1,72 @@
+"""The rare-ray command as a user runs it: a real process, real exit codes and messages."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from tests.conftest import LOCAL_CONFIG, REPO, sample_questions, sample_rows, write_jsonl
+
+
+def rare_ray(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rare_ray.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_missing_text_column_fails_fast_before_any_engine(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "body": "no text field"}])
+    start = time.perf_counter()
+    result = rare_ray("run", "--config", str(LOCAL_CONFIG), "--input", str(corpus),
+                      "--output", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2
+    assert "no 'text' field" in result.stderr and str(corpus) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.perf_counter() - start < 60  # no Ray, no vLLM was started
+    assert not (tmp_path / "out" / "_stages").exists()
+
+
+def test_missing_input_and_missing_model_are_clear_errors(tmp_path):
+    result = rare_ray("run", "--config", str(LOCAL_CONFIG), "--input", str(tmp_path / "nope"),
+                      "--output", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+    config = tmp_path / "c.yaml"
+    text = LOCAL_CONFIG.read_text().replace("models/tiny-llama", str(tmp_path / "no-model"))
+    config.write_text(text)
+    result = rare_ray("run", "--config", str(config), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no-model" in result.stderr
+    assert "build-test-model" in result.stderr
+
+
+def test_bad_config_is_reported_with_the_field(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(LOCAL_CONFIG.read_text().replace("num_neg: 3", "num_negs: 3"))
+    result = rare_ray("run", "--config", str(config))
+    assert result.returncode == 2 and "num_negs" in result.stderr
+
+
+def test_bm25_alone_over_a_table_of_questions(tmp_path: Path):
+    texts = {r["id"]: r["text"] for r in sample_rows()}
+    table = [
+        {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
+        for q in sample_questions()[:100]
+    ]
+    corpus = write_jsonl(tmp_path / "questions.jsonl", table)
+    out = tmp_path / "out"
+    result = rare_ray("bm25", "--config", str(LOCAL_CONFIG), "--input", str(corpus),
+                      "--output", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages_run"] == ["bm25"]
+    assert manifest["counts"]["output_rows"] == 100
+    rows = pads.dataset(out / "data", partitioning="hive").to_table().to_pylist()
+    assert all(len(r["hard_negatives"]) == 3 for r in rows)
+    assert "100 rows in" in result.stdout
