@@ -68,5 +68,7 @@ def test_bm25_alone_over_a_table_of_questions(tmp_path: Path):
     assert manifest["stages_run"] == ["bm25"]
     assert manifest["counts"]["output_rows"] == 100
     rows = pads.dataset(out / "data", partitioning="hive").to_table().to_pylist()
-    assert all(len(r["hard_negatives"]) == 3 for r in rows)
+    short = sum(len(r["hard_negatives"]) < 3 for r in rows)
+    assert manifest["counts"]["stages"]["bm25"]["short"] == short
+    assert short <= 5  # a few questions share no term with any other abstract
     assert "100 rows in" in result.stdout

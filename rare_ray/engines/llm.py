@@ -67,12 +67,16 @@ def _render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
     )
 
 
-def _project(batch: pa.Table, keep: list[str]) -> pa.Table:
-    """The input columns and the generation's results; drops the processor's own columns."""
+def _project(batch: pa.Table, keep: pa.Schema) -> pa.Table:
+    """The input columns and the generation's results; drops the processor's own columns.
+
+    The processor passes rows through Python dicts, which widens types (int32 to int64,
+    float32 to double): the input columns get their own types back.
+    """
     errors = batch["__inference_error__"].to_pylist()
     return pa.table(
         {
-            **{name: batch[name] for name in keep},
+            **{f.name: batch[f.name].cast(f.type) for f in keep},
             TRUNCATED: batch[TRUNCATED],
             GENERATED_TEXT: batch["generated_text"].cast(pa.string()),
             GENERATED_TOKENS: batch["num_generated_tokens"].cast(pa.int32()),
@@ -119,7 +123,7 @@ def generate(ds: ray.data.Dataset, engine: VLLMEngineConfig, render: Render) -> 
     """Run one request per row of ``ds``; every input row comes back, with its generation."""
     from ray.data.llm import build_processor
 
-    keep = ds.columns()
+    keep = ds.schema().base_schema
     processor = build_processor(processor_config(engine))
     prompts = ds.map_batches(
         functools.partial(_render_batch, model=engine.model, render=render),

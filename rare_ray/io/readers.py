@@ -30,8 +30,9 @@ PARQUET_SUFFIXES = (".parquet",)
 # What a column must hold: a non-empty string, or a list of strings.
 ColumnKind = Literal["text", "text_list"]
 
-# How many records of the first file are looked at before any engine starts.
+# How much of the first file is looked at before any engine starts.
 _PEEK_RECORDS = 200
+_PEEK_BYTES = 8 << 20
 
 
 class InputError(ValueError):
@@ -94,8 +95,12 @@ def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> No
         return
     seen: set[str] = set()
     with fs.open_input_stream(first) as f:
-        head = f.read(8 << 20)
-    records = list(_parse_json_bytes(head, first, limit=_PEEK_RECORDS, tolerate_partial=True))
+        head = f.read(_PEEK_BYTES)
+        if len(head) == _PEEK_BYTES and head.lstrip()[:1] == b"[":
+            head += f.read()  # a JSON array parses only whole
+    if len(head) == _PEEK_BYTES and b"\n" in head:
+        head = head[: head.rfind(b"\n") + 1]  # drop a line the peek may have cut short
+    records = list(_parse_json_bytes(head, first, limit=_PEEK_RECORDS))
     parsed = [r for r, _ in records if isinstance(r, dict)]
     if not parsed:
         raise InputError(f"{first}: no JSON object in its first {_PEEK_RECORDS} records")
@@ -209,7 +214,7 @@ def _check_value(value: Any, name: str, kind: ColumnKind) -> tuple[Any, str | No
 
 
 def _parse_json_bytes(
-    data: bytes, path: str, limit: int | None = None, tolerate_partial: bool = False
+    data: bytes, path: str, limit: int | None = None
 ) -> Iterator[tuple[Any, str | None]]:
     """Yield (record, error) per record: a JSON array's items, or one per non-blank line.
 
@@ -220,17 +225,13 @@ def _parse_json_bytes(
         try:
             items = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if tolerate_partial:
-                return
             raise InputError(f"{path}: not a valid JSON array ({e})") from e
         yield from ((item, None) for item in items[:limit])
         return
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
         lines.pop()
-    for n, raw in enumerate(lines[:limit] if limit else lines, start=1):
-        if tolerate_partial and n == len(lines):
-            return  # the peek may have cut the last line short
+    for raw in lines[:limit] if limit else lines:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
 import ray.data
+from pydantic import BaseModel
 
+from rare_ray.config import VLLMEngineConfig
 from rare_ray.io.readers import ColumnKind
 from rare_ray.rows import REJECT_REASON
 
@@ -55,3 +57,23 @@ class Operator(ABC):
         for f in self.output_fields:
             base = base.append_column(f, pa.array(outputs[f.name], f.type))
         return base.append_column(REJECT_REASON, pa.array(reasons, pa.string()))
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class LLMOperator(Operator, Generic[ConfigT]):
+    """An operator that generates with an LLM engine; its keys come as a config or keywords."""
+
+    config_class: ClassVar[type[BaseModel]]
+
+    def __init__(
+        self,
+        engine: VLLMEngineConfig,
+        config: ConfigT | None = None,
+        seed: int = 0,
+        **keys: Any,
+    ):
+        self.engine = engine
+        self.config: ConfigT = config or self.config_class(**keys)  # type: ignore[assignment]
+        self.seed = seed

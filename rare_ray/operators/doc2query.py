@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
-from rare_ray.config import Doc2QueryConfig, VLLMEngineConfig
+from rare_ray.config import Doc2QueryConfig
 from rare_ray.engines.llm import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
@@ -28,7 +28,7 @@ from rare_ray.engines.llm import (
     json_schema_sampling,
 )
 from rare_ray.io.readers import ColumnKind
-from rare_ray.operators.base import Operator
+from rare_ray.operators.base import LLMOperator
 from rare_ray.rows import ID, REJECT_REASON, kept, rejected
 from rare_ray.seeding import row_seed
 
@@ -79,22 +79,12 @@ def parse_answer(text: str, tokens: int, max_tokens: int) -> tuple[str, str] | s
     return fields[0], fields[1]
 
 
-class Doc2Query(Operator):
+class Doc2Query(LLMOperator[Doc2QueryConfig]):
     """Writes a question and a scenario for every document."""
 
     name = "doc2query"
-
-    def __init__(
-        self,
-        engine: VLLMEngineConfig,
-        config: Doc2QueryConfig | None = None,
-        seed: int = 0,
-        **keys: Any,
-    ):
-        self.engine = engine
-        self.config = config or Doc2QueryConfig(**keys)
-        self.seed = seed
-        self.attempts_column = f"{self.name}_attempts"
+    config_class = Doc2QueryConfig
+    attempts_column = f"{name}_attempts"
 
     @property
     def input_columns(self) -> Mapping[str, ColumnKind]:

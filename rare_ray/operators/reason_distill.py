@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
-from rare_ray.config import ReasonDistillConfig, VLLMEngineConfig
+from rare_ray.config import ReasonDistillConfig
 from rare_ray.engines.llm import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
@@ -27,7 +27,7 @@ from rare_ray.engines.llm import (
     generate,
 )
 from rare_ray.io.readers import ColumnKind
-from rare_ray.operators.base import Operator
+from rare_ray.operators.base import LLMOperator
 from rare_ray.rows import ID
 from rare_ray.seeding import row_rng, row_seed
 
@@ -69,21 +69,14 @@ def split_thinking(text: str) -> tuple[str | None, str | None]:
     return match["think"].strip(), match["answer"].strip()
 
 
-class ReasonDistill(Operator):
+class ReasonDistill(LLMOperator[ReasonDistillConfig]):
     """Has a teacher model write a reasoning chain over the positive and its negatives."""
 
     name = "distill"
+    config_class = ReasonDistillConfig
 
-    def __init__(
-        self,
-        engine: VLLMEngineConfig,
-        config: ReasonDistillConfig | None = None,
-        seed: int = 0,
-        **keys: Any,
-    ):
-        self.engine = engine
-        self.config = config or ReasonDistillConfig(**keys)
-        self.seed = seed
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         out = self.config.output_key
         self.think_column, self.answer_column = f"{out}_think", f"{out}_answer"
         self.finished_column = f"{out}_finished"
