@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--limit", type=int, help="use only the first N documents")
         if name == "bm25":
             sub.add_argument("--corpus", help="index this corpus instead of the input's texts")
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench", required=True
+    )
+    bm25 = bench.add_parser("bm25", help="BM25 stage through Ray vs. plain pyserini")
+    bm25.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    bm25.add_argument("--searchers-per-node", type=int, default=2)
+    bm25.add_argument("--repeats", type=int, default=5, help="passes over the 1,000 queries")
+    bm25.add_argument("--local-dir", default="/tmp/rare-ray/bench-indexes")
     model = commands.add_parser("build-test-model", help="build the tiny random-weight model")
     model.add_argument("--output", default=TEST_MODEL_DIR)
     model.add_argument("--seed", type=int, default=0)
@@ -55,10 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build-test-model":
         return _build_test_model(args)
+    if args.command == "bench":
+        return _bench(args)
 
     from rare_ray.io.readers import InputError
     from rare_ray.io.writers import OutputError
     from rare_ray.pipeline import run
+    from rare_ray.preflight import ClusterError
 
     try:
         config = RunConfig.from_yaml(
@@ -69,10 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         manifest = run(config, _STAGE_COMMANDS[args.command], corpus=getattr(args, "corpus", None))
-    except (InputError, OutputError) as e:
+    except (InputError, OutputError, ClusterError) as e:
         print(f"rare-ray: {e}", file=sys.stderr)
         return 2
     _summary(manifest)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import ray
+
+    from rare_ray.bench import bm25
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    print(f"Ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    bm25.main(args.sizes, args.searchers_per_node, args.repeats, args.local_dir)
     return 0
 
 

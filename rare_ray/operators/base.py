@@ -14,7 +14,7 @@ import pyarrow as pa
 import ray.data
 from pydantic import BaseModel
 
-from rare_ray.config import VLLMEngineConfig
+from rare_ray.config import EngineConfig
 from rare_ray.io.readers import ColumnKind
 from rare_ray.rows import REJECT_REASON
 
@@ -69,7 +69,7 @@ class LLMOperator(Operator, Generic[ConfigT]):
 
     def __init__(
         self,
-        engine: VLLMEngineConfig,
+        engine: EngineConfig,
         config: ConfigT | None = None,
         seed: int = 0,
         **keys: Any,

@@ -9,6 +9,8 @@ the positive itself ranked: a free signal of how answerable the question is from
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +20,46 @@ import ray
 import ray.data
 
 from rare_ray.config import BM25Config
-from rare_ray.engines.index_broadcast import IndexBuild, IndexHandle, local_index
+from rare_ray.engines.index_broadcast import IndexBuild, IndexHandle, local_index, prebuilt_index
 from rare_ray.engines.lucene import Hit, LuceneSearcher
 from rare_ray.io.readers import ColumnKind
 from rare_ray.operators.base import Operator
 from rare_ray.rows import ID, content_key
+
+SEARCH_LOG = "search.log"
+
+
+@dataclass(frozen=True)
+class SearcherPlan:
+    """How many searchers run, on how many nodes, and with what JVM heap."""
+
+    per_node: int
+    nodes: int
+    heap: str
+
+    @property
+    def total(self) -> int:
+        return self.per_node * self.nodes
+
+
+def plan_searchers(config: BM25Config, nodes: list[dict[str, Any]]) -> SearcherPlan:
+    """Size the searcher pool from the config and the cluster's alive nodes with CPUs.
+
+    Defaults leave half of a node's CPUs to the rest of the job, and give the searchers of a
+    node a quarter of its memory (each JVM between 256 MiB and 4 GiB).
+    """
+    workers = [n["Resources"] for n in nodes if n.get("Alive") and n["Resources"].get("CPU")]
+    if not workers:
+        raise RuntimeError("no alive Ray node has CPUs for BM25 searchers")
+    cpus = min(r["CPU"] for r in workers)
+    per_node = config.searchers_per_node or max(1, int(cpus / 2 / config.cpus_per_searcher))
+    memory_mib = min(r.get("memory", 4 << 30) for r in workers) / (1 << 20)
+    heap = config.heap_per_searcher or f"{int(min(4096, max(256, memory_mib / 4 / per_node)))}m"
+    return SearcherPlan(per_node=per_node, nodes=len(workers), heap=heap)
+
+
+def _spread_over_nodes() -> dict[str, Any]:
+    return {"scheduling_strategy": "SPREAD"}
 
 
 @dataclass(frozen=True)
@@ -58,15 +95,18 @@ def select_negatives(
 class _HardNegativeMiner:
     """A Ray Data actor: opens the node-local index once, then mines batch after batch."""
 
-    def __init__(self, index: IndexHandle, operator: BM25HardNeg):
+    def __init__(self, index: IndexHandle, operator: BM25HardNeg, heap: str):
         cfg = operator.config
         self.operator = operator
+        path = local_index(index, cfg.local_dir)
+        self.search_log = path.parent / SEARCH_LOG
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.searcher = LuceneSearcher(
-            local_index(index, cfg.local_dir),
+            path,
             k1=cfg.k1,
             b=cfg.b,
             threads=cfg.threads_per_searcher,
-            heap=cfg.heap_per_searcher,
+            heap=heap,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -79,6 +119,9 @@ class _HardNegativeMiner:
                 batch[ID].to_pylist(), batch[cfg.input_text_key].to_pylist(), results, strict=True
             )
         ]
+        with self.search_log.open("a") as log:  # one line per batch: where searches ran
+            log.write(json.dumps({"node_id": self.node_id, "pid": os.getpid(), "rows": len(mined)}))
+            log.write("\n")
         return self.operator.to_columns(batch, mined)
 
 
@@ -113,9 +156,16 @@ class BM25HardNeg(Operator):
         The build runs while the caller goes on (the pipeline runs Doc2Query meanwhile).
         """
         cfg = self.config
+        if cfg.prebuilt_index:
+            return IndexBuild.of(prebuilt_index(cfg.prebuilt_index))
         return IndexBuild.start(
-            corpus, cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes, cfg.heap_per_searcher
-        )
+            corpus, cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
+            heap=cfg.heap_per_searcher or "2g", share_uri=cfg.share_uri,
+        )  # fmt: skip
+
+    def plan(self, nodes: list[dict[str, Any]]) -> SearcherPlan:
+        """The searcher pool this operator would start on a cluster of ``nodes``."""
+        return plan_searchers(self.config, nodes)
 
     def to_columns(self, batch: pa.Table, mined: list[Negatives]) -> pa.Table:
         cfg = self.config
@@ -141,11 +191,14 @@ class BM25HardNeg(Operator):
         if index is None:
             index = self.start_index(corpus if corpus is not None else ds).result()
         cfg = self.config
+        plan = self.plan(ray.nodes())
         return ds.map_batches(
             _HardNegativeMiner,
-            fn_constructor_kwargs={"index": index, "operator": self},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.searchers),
+            fn_constructor_kwargs={"index": index, "operator": self, "heap": plan.heap},
+            # A fixed pool spread over the nodes: every node's CPUs add query throughput.
+            compute=ray.data.ActorPoolStrategy(size=plan.total),
             num_cpus=cfg.cpus_per_searcher,
+            ray_remote_args_fn=_spread_over_nodes,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
         )

@@ -6,7 +6,7 @@ import threading
 import pytest
 import ray
 
-from rare_ray.engines.index_broadcast import UNPACK_LOG, IndexBuild, local_index
+from rare_ray.engines.index_broadcast import UNPACK_LOG, IndexBuild, local_index, prebuilt_index
 from rare_ray.engines.lucene import LuceneSearcher
 from tests.conftest import sample_rows
 
@@ -59,3 +59,24 @@ def test_a_partial_unpack_is_redone(built, tmp_path):
     assert not (path / "junk").exists()
     assert not (tmp_path / f"{built.fingerprint}.partial").exists()
     assert LuceneSearcher(path).num_docs == 200
+
+
+def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built):
+    shared = tmp_path / "shared"
+    corpus = ray.data.from_items(sample_rows(200))
+    handle = IndexBuild.start(corpus, "text", 0.9, 0.4, 64 << 10, share_uri=str(shared)).result()
+    assert handle.fingerprint == built.fingerprint  # same corpus, same parameters
+    assert handle.chunks == [] and handle.uri == str(shared / f"{handle.fingerprint}.tar")
+    assert (shared / f"{handle.fingerprint}.json").is_file()
+    # A later run reuses it without indexing: the handle comes from the metadata alone.
+    again = prebuilt_index(str(shared / f"{handle.fingerprint}.tar"))
+    assert again.fingerprint == handle.fingerprint and again.num_docs == 200
+    path = local_index(again, tmp_path / "node")
+    assert LuceneSearcher(path).num_docs == 200
+    with pytest.raises(FileNotFoundError, match="no metadata"):
+        prebuilt_index(str(shared / "missing.tar"))
+
+
+def test_node_id_in_local_dir_gives_each_node_its_own_directory(ray_local, built, tmp_path):
+    path = local_index(built, str(tmp_path) + "/{node_id}")
+    assert path.parent.name == ray.get_runtime_context().get_node_id()

@@ -21,7 +21,7 @@ def mined(ray_local, tmp_path_factory):
         {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
         for q in sample_questions()
     ]
-    config = BM25Config(local_dir=str(tmp_path_factory.mktemp("indexes")), searchers=2)
+    config = BM25Config(local_dir=str(tmp_path_factory.mktemp("indexes")), searchers_per_node=2)
     rows = BM25HardNeg(config).run(ray.data.from_items(table)).take_all()
     return config, table, rows
 

@@ -1,0 +1,136 @@
+"""Benchmark: the BM25HardNeg stage through Ray against plain pyserini, at several corpus sizes.
+
+For each corpus size, in one run and on the same queries:
+- index build: time and documents/s of the holder actor (the stage's own build path);
+- the Ray stage: ``BM25HardNeg.run`` over the queries (searcher actors on node-local copies,
+  actor start-up included), queries/s and queries/s per CPU reserved;
+- plain pyserini: the same queries through Anserini's ``SimpleSearcher.batch_search`` (what
+  pyserini's ``LuceneSearcher.batch_search`` calls) in this one process, with as many threads as
+  the stage had CPUs, fetching each hit's text as the stage does;
+- their ratio per CPU (the target is at least 0.8).
+
+Corpora: the 1,000 PubMedQA abstracts, plus (for larger sizes) documents made from their
+sentences: document i takes 3 to 8 sentences drawn by ``random.Random(i)`` from the pool of all
+sentences, so every size is the same on every run. Queries: the 1,000 human-written PubMedQA
+questions, whose gold abstracts are in every corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rare_ray.config import BM25Config
+from rare_ray.engines.index_broadcast import local_index
+from rare_ray.engines.lucene import LuceneSearcher
+from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
+from rare_ray.operators import BM25HardNeg
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def corpus(size: int) -> list[dict[str, str]]:
+    """The sample abstracts, then synthetic documents from their sentences, ``size`` in all."""
+    real = _jsonl(SAMPLE_CORPUS)
+    if size <= len(real):
+        return real[:size]
+    sentences = [s for doc in real for s in _SENTENCE.split(doc["text"]) if len(s) > 20]
+    synthetic = []
+    for i in range(size - len(real)):
+        rng = random.Random(i)
+        text = " ".join(rng.choice(sentences) for _ in range(rng.randint(3, 8)))
+        synthetic.append({"id": f"syn-{i}", "text": text})
+    return real + synthetic
+
+
+def queries() -> list[dict[str, str]]:
+    texts = {d["id"]: d["text"] for d in _jsonl(SAMPLE_CORPUS)}
+    return [
+        {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
+        for q in _jsonl(SAMPLE_QUESTIONS)
+    ]
+
+
+@dataclass
+class Row:
+    docs: int
+    build_s: float
+    stage_qps: float
+    stage_cpus: float
+    plain_qps: float
+    plain_threads: int
+
+    @property
+    def ratio_per_cpu(self) -> float:
+        return (self.stage_qps / self.stage_cpus) / (self.plain_qps / self.plain_threads)
+
+    def markdown(self) -> str:
+        return (
+            f"| {self.docs:,} | {self.build_s:.1f} | {self.docs / self.build_s:,.0f} | "
+            f"{self.stage_qps:,.0f} | {self.plain_qps:,.0f} | {self.ratio_per_cpu:.2f} |"
+        )
+
+
+HEADER = (
+    "| docs | index build (s) | build docs/s | Ray stage q/s | plain pyserini q/s "
+    "| ratio per CPU |\n|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def bench_size(size: int, config: BM25Config, repeats: int) -> Row:
+    op = BM25HardNeg(config)
+    start = time.perf_counter()
+    index = op.start_index(ray.data.from_items(corpus(size))).result()
+    build_s = time.perf_counter() - start
+
+    query_rows = queries() * repeats
+    ds = ray.data.from_items(query_rows).materialize()
+    start = time.perf_counter()
+    mined = op.run(ds, index=index).materialize()
+    stage_s = time.perf_counter() - start
+    assert mined.count() == len(query_rows)
+    searchers = op.plan(ray.nodes()).total
+    stage_cpus = searchers * max(config.cpus_per_searcher, config.threads_per_searcher)
+
+    threads = max(1, round(stage_cpus))
+    searcher = LuceneSearcher(
+        local_index(index, config.local_dir), k1=config.k1, b=config.b, threads=threads
+    )
+    questions = [q["question"] for q in query_rows]
+    start = time.perf_counter()
+    for i in range(0, len(questions), config.batch_size):
+        searcher.search(questions[i : i + config.batch_size], config.depth)
+    plain_s = time.perf_counter() - start
+    searcher.close()
+    return Row(size, build_s, len(query_rows) / stage_s, stage_cpus, len(query_rows) / plain_s,
+               threads)  # fmt: skip
+
+
+def main(sizes: list[int], searchers_per_node: int, repeats: int, local_dir: str) -> list[Row]:
+    config = BM25Config(
+        searchers_per_node=searchers_per_node,
+        cpus_per_searcher=1,
+        threads_per_searcher=1,
+        heap_per_searcher="1g",
+        local_dir=local_dir,
+        batch_size=256,
+    )
+    rows = []
+    print(HEADER, flush=True)
+    for size in sizes:
+        row = bench_size(size, config, repeats)
+        rows.append(row)
+        print(row.markdown(), flush=True)
+    return rows

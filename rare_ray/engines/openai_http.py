@@ -1,0 +1,386 @@
+"""Batch generation against an OpenAI-compatible chat-completions API, as Ray Data actors.
+
+``generate(ds, engine, render)`` gives the same columns as the vLLM path in ``llm.py``: each
+row's own columns (types untouched), ``_generated_text``, ``_generated_tokens``,
+``_inference_error`` and ``_truncated``. ``engine.workers`` actors each keep up to
+``engine.concurrency`` requests in flight (asyncio + aiohttp, which ``ray[default]`` installs).
+
+Why not ``ray.data.llm``'s ``HttpRequestProcessorConfig`` (Ray 2.60): its stage raises once a
+request has used up its retries, failing the whole job instead of marking the row (it has no
+``should_continue_on_error``), and hands 4xx error bodies back as if they were answers. It
+retries only 408/429/502/503/504 (not 500), with no jitter, no cap and no regard for
+Retry-After, awaits the requests of a batch one after another, has no request timeout, and
+would need the API key in its ``headers`` config field.
+
+Requests. The operators' sampling dicts are vLLM-shaped; ``request_body`` translates them:
+``temperature``, ``top_p`` and ``seed`` (only with ``engine.seed_requests``) go as they are,
+``max_tokens`` under ``engine.max_tokens_param``, and a JSON-schema constraint (Doc2Query's
+``structured_outputs``) as ``response_format={"type": "json_schema", ...}`` when
+``engine.structured_outputs`` is on, else not at all (the answer is parsed and checked anyway).
+
+Tokens. ``_generated_tokens`` is the response's ``usage.completion_tokens`` (0 without usage).
+A choice that stopped with ``finish_reason == "length"`` counts at least the request's
+``max_tokens``, so the operators' "cut off at max_tokens" test (``tokens >= max_tokens``)
+treats it as cut off even when a server reports no or odd usage.
+
+Truncation. With ``engine.tokenizer`` documents are cut to their token budgets with that
+tokenizer, as on the vLLM path. Without one the served model's tokenizer is unknown, so a
+budget of N tokens keeps ``N * engine.chars_per_token`` characters (3 by default: English BPE
+averages about 4 characters a token, so this errs towards cutting too much, not too little).
+
+Retries. HTTP 408, 429 and 5xx, timeouts and connection errors are retried up to
+``engine.max_retries`` times (so ``max_retries + 1`` attempts) after a wait of
+``backoff_base_s * 2**(retry-1)``, capped at ``backoff_max_s`` and jittered to 50-100 %; a
+``Retry-After`` (or ``retry-after-ms``) header replaces that wait, up to ``backoff_max_s``.
+Other 4xx, malformed responses and refusals are not retried. A request that still fails
+leaves its error in ``_inference_error``; it never fails the job.
+
+The key. It is read from the environment variable ``engine.api_key_env`` on the worker, or,
+where the worker's environment lacks it, handed over from the driver's environment wrapped in
+``_Secret`` (whose ``repr`` is ``<redacted>``). It only ever goes into the ``Authorization``
+header; error texts are scrubbed of it before they reach a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from rare_ray.config import OpenAIEngineConfig
+from rare_ray.engines.llm import (
+    GENERATED_TEXT,
+    GENERATED_TOKENS,
+    INFERENCE_ERROR,
+    TRUNCATED,
+    Messages,
+    Render,
+    _TokenBudget,
+    _tokenizer,
+)
+
+logger = logging.getLogger("rare_ray")
+
+# The key the operators' sampling dicts use for a JSON-schema constraint (json_schema_sampling).
+STRUCTURED_OUTPUTS = "structured_outputs"
+RESULT_COLUMNS = (TRUNCATED, GENERATED_TEXT, GENERATED_TOKENS, INFERENCE_ERROR)
+# Longest piece of an error response body kept in _inference_error.
+MAX_ERROR_CHARS = 500
+REDACTED = "<redacted>"
+
+
+def retryable(status: int) -> bool:
+    """Statuses worth another try: request timeout, rate limit, server errors."""
+    return status in (408, 429) or 500 <= status <= 599
+
+
+class _Secret:
+    """A value that stays out of ``repr``, ``str``, logs and tracebacks."""
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return REDACTED
+
+    __str__ = __repr__
+
+
+class _CharBudget:
+    """Cuts documents to ``chars_per_token`` characters per token of budget; counts the cuts."""
+
+    def __init__(self, chars_per_token: float):
+        self.chars_per_token = chars_per_token
+        self.truncated = 0
+
+    def __call__(self, text: str, max_tokens: int) -> str:
+        limit = int(max_tokens * self.chars_per_token)
+        if len(text) <= limit:
+            return text
+        self.truncated += 1
+        cut = text[:limit]
+        # End on a word boundary when there is one near the end.
+        space = cut.rfind(" ", int(limit * 0.9))
+        return cut[:space] if space > 0 else cut
+
+
+def request_body(
+    engine: OpenAIEngineConfig, messages: Messages, sampling: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The chat-completions request for one rendered row."""
+    body: dict[str, Any] = {**engine.extra_body, "model": engine.model, "messages": messages}
+    for key, value in sampling.items():
+        if key == STRUCTURED_OUTPUTS:
+            if engine.structured_outputs:
+                body["response_format"] = _response_format(value, engine.strict_schema)
+        elif key == "max_tokens":
+            body[engine.max_tokens_param] = value
+        else:
+            body[key] = value
+    return body
+
+
+def _response_format(constraint: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+    if set(constraint) != {"json"}:
+        raise ValueError(
+            f"only JSON-schema constraints can be sent as response_format, got {sorted(constraint)}"
+        )
+    schema = constraint["json"]
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "schema": json.loads(schema) if isinstance(schema, str) else schema,
+            "strict": strict,
+        },
+    }
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    tokens: int = 0
+    error: str | None = None
+    attempts: int = 0
+
+
+class _Refused(ValueError):
+    pass
+
+
+def read_response(payload: Any, max_tokens: int | None) -> tuple[str, int]:
+    """``(text, completion tokens)`` of a chat-completions response; ValueError if malformed.
+
+    A choice cut off by the token limit (``finish_reason == "length"``) counts at least
+    ``max_tokens``, so that the operators see it as cut off whatever the usage says.
+    """
+    try:
+        choice = payload["choices"][0]
+        message = choice.get("message") or {}
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"no choices in the response ({type(e).__name__}: {e})") from e
+    content = message.get("content")
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is None:
+        if message.get("refusal"):
+            raise _Refused(f"refused: {message['refusal']}")
+        content = ""
+    if not isinstance(content, str):
+        raise ValueError(f"message content is a {type(content).__name__}, not text")
+    usage = payload.get("usage") or {}
+    try:
+        tokens = int(usage.get("completion_tokens") or 0)
+    except (TypeError, ValueError):
+        tokens = 0
+    if choice.get("finish_reason") == "length" and max_tokens:
+        tokens = max(tokens, max_tokens)
+    return content, tokens
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a ``retry-after-ms`` or ``Retry-After`` header (seconds or a date) asks for."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff(engine: OpenAIEngineConfig, retry: int) -> float:
+    """Wait before retry number ``retry`` (1, 2, ...): exponential, capped, jittered."""
+    delay = min(engine.backoff_max_s, engine.backoff_base_s * 2 ** (retry - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def _error_text(status: int, raw: bytes) -> str:
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    message: Any = None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message or payload.get("message") or payload.get("detail")
+    if not message:
+        message = raw.decode("utf-8", errors="replace")
+    text = " ".join(str(message).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+
+class OpenAIWorker:
+    """Ray Data UDF (an actor): renders a batch's rows and sends them to the server.
+
+    Plain Python too: ``await OpenAIWorker(engine, render)(table)`` runs one batch.
+    """
+
+    def __init__(
+        self, engine: OpenAIEngineConfig, render: Render, driver_key: _Secret | None = None
+    ):
+        self.engine = engine
+        self.render = render
+        self.url = f"{engine.base_url}/chat/completions"
+        self._key = self._resolve_key(driver_key)
+        self._headers = {"Content-Type": "application/json"}
+        if self._key is not None:
+            self._headers["Authorization"] = f"Bearer {self._key.reveal()}"
+        if engine.tokenizer:
+            _tokenizer(engine.tokenizer)  # loaded once per worker; a bad path fails here
+        self._slots: asyncio.Semaphore | None = None
+        # Batches render in threads; a Hugging Face tokenizer must not be used by two at once
+        # ("Already borrowed").
+        self._render_lock = threading.Lock()
+
+    def _resolve_key(self, driver_key: _Secret | None) -> _Secret | None:
+        name = self.engine.api_key_env
+        if name is None:
+            return None
+        value = os.environ.get(name)
+        if value:
+            return _Secret(value)
+        if driver_key is not None and driver_key.reveal():
+            return driver_key
+        raise RuntimeError(
+            f"engine.api_key_env names {name!r}, which is set neither on the driver nor on "
+            "this worker; set it, or set engine.api_key_env: null for a server without a key"
+        )
+
+    def _scrub(self, text: str) -> str:
+        if self._key is not None and self._key.reveal():
+            text = text.replace(self._key.reveal(), REDACTED)
+        return text
+
+    def _budget(self) -> _TokenBudget | _CharBudget:
+        if self.engine.tokenizer:
+            return _TokenBudget(self.engine.tokenizer)
+        return _CharBudget(self.engine.chars_per_token)
+
+    def _render(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+        bodies, truncated = [], []
+        with self._render_lock:
+            for row in rows:
+                fit = self._budget()
+                messages, sampling = self.render(row, fit)
+                bodies.append(request_body(self.engine, messages, sampling))
+                truncated.append(fit.truncated)
+        return bodies, truncated
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import aiohttp
+
+        # Tokenizing is CPU work: off the event loop that other batches' requests share.
+        bodies, truncated = await asyncio.to_thread(self._render, batch.to_pylist())
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.engine.concurrency)
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.engine.timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.engine.concurrency),
+        ) as session:
+            results = await asyncio.gather(*(self._request(session, b) for b in bodies))
+        return with_results(batch, results, truncated)
+
+    async def _request(self, session: Any, body: dict[str, Any]) -> Generation:
+        assert self._slots is not None
+        async with self._slots:
+            try:
+                result = await self._post(session, body)
+            except Exception as e:  # whatever it is, it is this row's error, not the job's
+                result = Generation(error=f"{type(e).__name__}: {e}")
+        if result.error is not None:
+            result.error = self._scrub(result.error)
+        return result
+
+    async def _post(self, session: Any, body: dict[str, Any]) -> Generation:
+        import aiohttp
+
+        engine = self.engine
+        attempts = engine.max_retries + 1
+        max_tokens = body.get(engine.max_tokens_param)
+        last_error = ""
+        for attempt in range(1, attempts + 1):
+            wait: float | None = None
+            try:
+                async with session.post(self.url, json=body, headers=self._headers) as resp:
+                    raw = await resp.read()
+                    if 200 <= resp.status < 300:
+                        try:
+                            text, tokens = read_response(json.loads(raw), max_tokens)
+                        except _Refused as e:
+                            return Generation(error=str(e), attempts=attempt)
+                        except ValueError as e:
+                            return Generation(error=f"malformed response: {e}", attempts=attempt)
+                        return Generation(text, tokens, None, attempt)
+                    last_error = _error_text(resp.status, raw)
+                    if not retryable(resp.status):
+                        return Generation(error=last_error, attempts=attempt)
+                    wait = retry_after(resp.headers)
+            except aiohttp.InvalidURL as e:
+                return Generation(error=f"invalid URL: {e}", attempts=attempt)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                last_error = f"{type(e).__name__}: {e}".rstrip(": ")
+            if attempt < attempts:
+                delay = (
+                    backoff(engine, attempt) if wait is None else min(wait, engine.backoff_max_s)
+                )
+                logger.debug("request failed (%s), retry %d in %.1f s", last_error, attempt, delay)
+                await asyncio.sleep(delay)
+        return Generation(
+            error=f"{last_error} (gave up after {attempts} attempts)", attempts=attempts
+        )
+
+
+def with_results(batch: pa.Table, results: list[Generation], truncated: list[int]) -> pa.Table:
+    """``batch``'s own columns (types untouched) followed by the generation's columns."""
+    base = batch.drop_columns([c for c in RESULT_COLUMNS if c in batch.column_names])
+    return (
+        base.append_column(TRUNCATED, pa.array(truncated, pa.int32()))
+        .append_column(GENERATED_TEXT, pa.array([r.text for r in results], pa.string()))
+        .append_column(GENERATED_TOKENS, pa.array([r.tokens for r in results], pa.int32()))
+        .append_column(INFERENCE_ERROR, pa.array([r.error for r in results], pa.string()))
+    )
+
+
+def generate(ds: ray.data.Dataset, engine: OpenAIEngineConfig, render: Render) -> ray.data.Dataset:
+    """Run one request per row of ``ds``; every input row comes back, with its generation."""
+    driver_key = None
+    if engine.api_key_env and os.environ.get(engine.api_key_env):
+        driver_key = _Secret(os.environ[engine.api_key_env])
+    # Blocks of one batch each, so that every worker gets some (as on the vLLM path).
+    return ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(
+        OpenAIWorker,
+        fn_constructor_kwargs={"engine": engine, "render": render, "driver_key": driver_key},
+        batch_format="pyarrow",
+        batch_size=engine.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=engine.workers),
+        num_cpus=engine.cpus_per_worker,
+    )
