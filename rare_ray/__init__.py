@@ -9,6 +9,7 @@ or one operator at a time on a Ray Dataset: ``Doc2Query``, ``BM25HardNeg``, ``Re
 from rare_ray.config import (
     BM25Config,
     Doc2QueryConfig,
+    OpenAIEngineConfig,
     ReasonDistillConfig,
     RunConfig,
     SamplingConfig,
@@ -22,6 +23,7 @@ __all__ = [
     "BM25HardNeg",
     "Doc2Query",
     "Doc2QueryConfig",
+    "OpenAIEngineConfig",
     "ReasonDistill",
     "ReasonDistillConfig",
     "RunConfig",

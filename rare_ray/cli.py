@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     bm25 = bench.add_parser("bm25", help="BM25 stage through Ray vs. plain pyserini")
     bm25.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     bm25.add_argument("--searchers-per-node", type=int, default=2)
-    bm25.add_argument("--repeats", type=int, default=5, help="passes over the 1,000 queries")
+    bm25.add_argument("--repeats", type=int, default=20, help="passes over the 1,000 queries")
     bm25.add_argument("--local-dir", default="/tmp/rare-ray/bench-indexes")
     model = commands.add_parser("build-test-model", help="build the tiny random-weight model")
     model.add_argument("--output", default=TEST_MODEL_DIR)

@@ -59,6 +59,12 @@ class VLLMEngineConfig(_Section):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments, passed through."
     )
+    check_resources: bool = Field(
+        True,
+        description="Before any engine starts, check that the cluster has the GPUs (and "
+        "accelerator type) the replicas need. Turn off on autoscaling clusters whose GPU "
+        "nodes start on demand.",
+    )
     seed_requests: bool = Field(
         True,
         description="Give each request a seed derived from the run seed and the row id, so "

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from rare_ray.config import EngineConfig, VLLMEngineConfig
 from rare_ray.io.readers import InputError
 
 
@@ -28,9 +28,11 @@ def check_model(model: str) -> None:
         ) from e
 
 
-def check_gpus(engine: Any, cluster_resources: dict[str, float]) -> None:
+def check_gpus(engine: EngineConfig, cluster_resources: dict[str, float]) -> None:
     """The cluster has the GPUs (of the right type) that the engine's replicas need."""
-    if getattr(engine, "device", None) != "gpu" or not getattr(engine, "check_resources", True):
+    if not isinstance(engine, VLLMEngineConfig) or engine.device != "gpu":
+        return  # an HTTP engine's GPUs are someone else's
+    if not engine.check_resources:
         return
     per_replica = engine.tensor_parallel_size * engine.pipeline_parallel_size
     needed = engine.replicas * per_replica

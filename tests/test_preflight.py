@@ -31,3 +31,8 @@ def test_accelerator_type_must_exist():
     check_gpus(engine, {"GPU": 8, "accelerator_type:H100": 1})
     with pytest.raises(ClusterError, match=r"'H100' \(the cluster has: A10G\)"):
         check_gpus(engine, {"GPU": 8, "accelerator_type:A10G": 1})
+
+
+def test_resource_check_can_be_turned_off_for_autoscaling_clusters():
+    engine = VLLMEngineConfig(model="m", device="gpu", replicas=8, check_resources=False)
+    check_gpus(engine, {"CPU": 4})

@@ -6,7 +6,8 @@ For each corpus size, in one run and on the same queries:
   actor start-up included), queries/s and queries/s per CPU reserved;
 - plain pyserini: the same queries through Anserini's ``SimpleSearcher.batch_search`` (what
   pyserini's ``LuceneSearcher.batch_search`` calls) in this one process, with as many threads as
-  the stage had CPUs, fetching each hit's text as the stage does;
+  the stage had CPUs, reading each hit's id and score (what pyserini's batch_search returns);
+  the stage does that, then picks negatives, fetches their texts and writes Arrow rows;
 - their ratio per CPU (the target is at least 0.8).
 
 Corpora: the 1,000 PubMedQA abstracts, plus (for larger sizes) documents made from their

@@ -6,7 +6,6 @@ index doubles as the document store the searchers need: nothing else has to trav
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,25 @@ from rare_ray.engines.jvm import java_class, java_list
 ANALYZER = "anserini-default-en (porter, english stopwords)"
 
 
-@dataclass(frozen=True)
 class Hit:
-    docid: str
-    score: float
-    text: str
+    """A search hit; its text is copied out of Java only when asked for."""
+
+    __slots__ = ("_document", "_text", "docid", "score")
+
+    def __init__(self, docid: str, score: float, text: str | None = None, document: Any = None):
+        self.docid = docid
+        self.score = score
+        self._text = text
+        self._document = document
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self._document.get("contents") or "" if self._document else ""
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"Hit({self.docid!r}, {self.score:.3f})"
 
 
 class LuceneIndexWriter:
@@ -71,7 +84,7 @@ class LuceneSearcher:
         )
         return [
             [
-                Hit(hit.docid, float(hit.score), hit.lucene_document.get("contents") or "")
+                Hit(hit.docid, float(hit.score), document=hit.lucene_document)
                 for hit in results.get(qid)
             ]
             for qid in qids

@@ -76,19 +76,21 @@ def select_negatives(
     start_rank: int = 0,
 ) -> Negatives:
     """Pick hard negatives from ``hits`` (best first); ranks are 1-based over all hits."""
-    positive_key = content_key(positive_text)
-    seen = {positive_key}
+    seen = {content_key(positive_text)}  # the positive's text, under any id, is no negative
     chosen: list[Hit] = []
     positive_rank = None
     for rank, hit in enumerate(hits, start=1):
         if hit.docid == positive_id:
             positive_rank = positive_rank or rank
-            continue
-        key = content_key(hit.text)
-        if key == positive_key or rank <= start_rank or key in seen or len(chosen) == num_neg:
-            continue
-        seen.add(key)
-        chosen.append(hit)
+        elif len(chosen) == num_neg:
+            if positive_rank is not None:
+                break  # nothing left to learn from the hits below
+        elif rank > start_rank:
+            # Hashing a text is most of the cost here: only for hits that may be chosen.
+            key = content_key(hit.text)
+            if key not in seen:
+                seen.add(key)
+                chosen.append(hit)
     return Negatives(chosen, positive_rank)
 
 
