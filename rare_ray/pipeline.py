@@ -133,8 +133,9 @@ def run(
 
     t = time.perf_counter()
     out.publish_data(previous, config.output_layout.validation_fraction)
-    text_key = next(iter(required))
-    out.publish_rejects({INGEST: text_key, **{op.name: text_key for op in operators}})
+    out.publish_rejects(
+        {INGEST: operators[0].text_key, **{op.name: op.text_key for op in operators}}
+    )
     timings["publish"] = time.perf_counter() - t
 
     stage_names = [INGEST, *(op.name for op in operators)]

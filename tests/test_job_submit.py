@@ -50,11 +50,19 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     dashboard = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    # Every port its own: another Ray on this machine (the test session's) holds the defaults,
+    # and a job agent that cannot bind its port never registers ("No available agent").
+    ports = {
+        flag: str(_free_port())
+        for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                     "--metrics-export-port", "--runtime-env-agent-port",
+                     "--ray-client-server-port", "--node-manager-port", "--object-manager-port")
+    }  # fmt: skip
     start = [
         str(BIN / "ray"), "start", "--head", "--temp-dir", temp_dir, "--num-cpus", "8",
-        "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-        "--disable-usage-stats",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--include-dashboard", "true", "--disable-usage-stats",
+        *(part for flag, port in ports.items() for part in (flag, port)),
     ]  # fmt: skip
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:

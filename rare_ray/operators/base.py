@@ -29,6 +29,11 @@ class Operator(ABC):
 
     @property
     @abstractmethod
+    def text_key(self) -> str:
+        """The column with the document itself (shown with this operator's rejects)."""
+
+    @property
+    @abstractmethod
     def output_fields(self) -> Sequence[pa.Field]:
         """Columns this operator adds (counters included), with their types."""
 

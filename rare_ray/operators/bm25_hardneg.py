@@ -143,6 +143,10 @@ class BM25HardNeg(Operator):
         return {self.config.input_question_key: "text", self.config.input_text_key: "text"}
 
     @property
+    def text_key(self) -> str:
+        return self.config.input_text_key
+
+    @property
     def output_fields(self) -> Sequence[pa.Field]:
         return [
             pa.field(self.config.output_negatives_key, pa.list_(pa.string())),

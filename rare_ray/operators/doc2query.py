@@ -91,6 +91,10 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         return {self.config.input_key: "text"}
 
     @property
+    def text_key(self) -> str:
+        return self.config.input_key
+
+    @property
     def output_fields(self) -> Sequence[pa.Field]:
         return [
             pa.field(self.config.output_question_key, pa.string()),

@@ -92,6 +92,10 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         }
 
     @property
+    def text_key(self) -> str:
+        return self.config.input_text_key
+
+    @property
     def output_fields(self) -> Sequence[pa.Field]:
         return [
             pa.field("document_order", pa.list_(pa.int32())),
