@@ -94,7 +94,10 @@ def run(
 
     t = time.perf_counter()
     _log(f"reading {config.input}")
-    out.write_stage(INGEST, read_documents(config.input, required, config.id_key, config.limit))
+    documents = read_documents(
+        config.input, required, config.id_key, config.limit, id_from=operators[0].text_key
+    )
+    out.write_stage(INGEST, documents)
     timings[INGEST] = time.perf_counter() - t
 
     index_build = None

@@ -119,17 +119,20 @@ def read_documents(
     columns: Mapping[str, ColumnKind],
     id_key: str = ID,
     limit: int | None = None,
+    id_from: str | None = None,
 ) -> ray.data.Dataset:
     """Read a corpus: one row per input record, bad ones marked with a ``reject_reason``.
 
     Rows come back with the columns ``id``, each of ``columns``, ``reject_reason``, ``source``
-    and ``line``. An absent id is derived from the content; ids that repeat are rejected after
-    the first occurrence (by file and line).
+    and ``line``. An absent id is derived from the document in ``id_from`` (default: the
+    first text column); ids that repeat are rejected after the first occurrence (by file and
+    line).
     """
     check_input(path, columns, id_key)
     fs, files = list_input_files(path)
     schema = input_schema(columns)
-    normalize = _Normalizer(columns, id_key, schema)
+    id_from = id_from or next(n for n, k in columns.items() if k == "text")
+    normalize = _Normalizer(columns, id_key, id_from, schema)
     if files[0].endswith(PARQUET_SUFFIXES):
         ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
         ds = ds.map_batches(normalize.parquet_batch, batch_format="pyarrow")
@@ -145,9 +148,12 @@ def read_documents(
 class _Normalizer:
     """Turns raw records into rows of the input schema, with a reason where one is bad."""
 
-    def __init__(self, columns: Mapping[str, ColumnKind], id_key: str, schema: pa.Schema):
+    def __init__(
+        self, columns: Mapping[str, ColumnKind], id_key: str, id_from: str, schema: pa.Schema
+    ):
         self.columns = dict(columns)
         self.id_key = id_key
+        self.id_from = id_from
         self.schema = schema
 
     def json_files(self, batch: pa.Table) -> pa.Table:
@@ -188,9 +194,8 @@ class _Normalizer:
             problems.append(f"{self.id_key!r} is {type(raw_id).__name__}, expected string or int")
         elif raw_id is not None and str(raw_id).strip():
             out[ID] = str(raw_id).strip()
-        first_text = next((n for n, k in self.columns.items() if k == "text"), None)
-        if ID not in out and first_text and isinstance(out.get(first_text), str):
-            out[ID] = content_key(out[first_text])
+        if ID not in out and isinstance(out.get(self.id_from), str):
+            out[ID] = content_key(out[self.id_from])
         if problems:
             out[REJECT_REASON] = "; ".join(problems)
         return out

@@ -100,3 +100,12 @@ def test_same_text_without_ids_is_a_duplicate(ray_local, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "same words"}, {"text": "same  words"}])
     rows = read_documents(str(path), TEXT).take_all()
     assert sorted(r["reject_reason"] is None for r in rows) == [False, True]
+
+
+def test_ids_derive_from_the_named_document_column(ray_local, tmp_path):
+    rows = [{"question": "same question?", "text": f"document {i}"} for i in range(2)]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    columns = {"question": "text", "text": "text"}
+    out = read_documents(str(path), columns, id_from="text").take_all()
+    assert sorted(r["id"] for r in out) == sorted(content_key(r["text"]) for r in rows)
+    assert all(r["reject_reason"] is None for r in out)
