@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--limit", type=int, help="use only the first N documents")
         if name == "bm25":
             sub.add_argument("--corpus", help="index this corpus instead of the input's texts")
+    status = commands.add_parser("status", help="what an output directory holds so far")
+    status.add_argument("output", help="the run's output directory")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True
     )
@@ -65,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _build_test_model(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "status":
+        return _status(args.output)
 
     from rare_ray.io.readers import InputError
     from rare_ray.io.writers import OutputError
@@ -84,6 +88,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rare-ray: {e}", file=sys.stderr)
         return 2
     _summary(manifest)
+    return 0
+
+
+def _status(output: str) -> int:
+    from rare_ray.io.writers import OutputDir
+
+    status = OutputDir(output).status()
+    if not status["stages"]:
+        print(f"{output}: no stage has written anything yet")
+        return 1
+    print(f"{'stage':<10} {'state':<9} {'kept':>8} {'rejected':>9}")
+    for stage, s in status["stages"].items():
+        state = "complete" if s["complete"] else "partial"
+        print(f"{stage:<10} {state:<9} {s.get('out', '-'):>8} {s.get('rejected', '-'):>9}")
+    published = status["published"]
+    print(
+        f"data/: {published['data']} rows, rejects/: {published['rejects']} rows; "
+        f"{'finished (manifest.json written)' if status['finished'] else 'not finished'}"
+    )
     return 0
 
 

@@ -145,3 +145,15 @@ def test_publishing_again_replaces_rather_than_duplicates(run):
     output = OutputDir(str(out))
     output.publish_data("distill", config.output_layout.validation_fraction)
     assert len(_read(out / "data")) == manifest["counts"]["output_rows"]
+
+
+def test_status_reports_every_stage_complete_with_the_manifest_counts(run):
+    _, manifest, _, out = run
+    status = OutputDir(str(out)).status()
+    assert status["finished"]
+    assert list(status["stages"]) == ["ingest", "doc2query", "bm25", "distill"]
+    for stage, counts in manifest["counts"]["stages"].items():
+        assert status["stages"][stage]["complete"]
+        assert status["stages"][stage]["out"] == counts["out"]
+        assert status["stages"][stage]["rejected"] == counts["rejected"]
+    assert status["published"]["data"] == manifest["counts"]["output_rows"]

@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
+from rare_ray.config import ALL_STAGES
 from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, SPLIT, counter_columns, kept, rejected
 
 SUCCESS = "_SUCCESS"
@@ -193,6 +194,30 @@ class OutputDir:
         finally:
             if writer is not None:
                 writer.close()
+
+    def status(self) -> dict[str, Any]:
+        """What a (possibly unfinished) run has written: each stage, complete or not, and counts."""
+        stages: dict[str, Any] = {}
+        listing = self.fs.get_file_info(
+            pafs.FileSelector(self.path("_stages"), allow_not_found=True)
+        )
+        rank = {name: n for n, name in enumerate(["ingest", *ALL_STAGES])}
+        for info in sorted(listing, key=lambda i: (rank.get(i.base_name, len(rank)), i.base_name)):
+            if info.type != pafs.FileType.Directory:
+                continue
+            done = self.fs.get_file_info(self.path("_stages", info.base_name, SUCCESS))
+            complete = done.type == pafs.FileType.File
+            stages[info.base_name] = {
+                "complete": complete,
+                **(self.stage_counts(info.base_name) if complete else {}),
+            }
+        has_manifest = self.fs.get_file_info(self.path("manifest.json")).type
+        return {
+            "output": self.uri,
+            "stages": stages,
+            "published": {"data": self.count_rows("data"), "rejects": self.count_rows("rejects")},
+            "finished": has_manifest == pafs.FileType.File,
+        }
 
     def count_rows(self, name: str) -> int:
         """Rows in a published directory (``data`` or ``rejects``)."""
