@@ -136,9 +136,6 @@ class LuceneIndexHolder:
         archive.unlink()
         return handle
 
-    def ping(self) -> bool:
-        return True
-
 
 def _put_chunks(archive: Path, chunk_bytes: int) -> Iterator[ray.ObjectRef]:
     with archive.open("rb") as f:
