@@ -34,17 +34,17 @@ TRUNCATED = "_truncated"
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(model: str) -> Any:
+def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
 
 
-class _TokenBudget:
+class TokenBudget:
     """Truncates documents to a token budget; counts how many it had to cut."""
 
     def __init__(self, model: str):
-        self.tokenizer = _tokenizer(model)
+        self.tokenizer = load_tokenizer(model)
         self.truncated = 0
 
     def __call__(self, text: str, max_tokens: int) -> str:
@@ -58,7 +58,7 @@ class _TokenBudget:
 def _render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
     messages, sampling, truncated = [], [], []
     for row in batch.to_pylist():
-        fit = _TokenBudget(model)
+        fit = TokenBudget(model)
         m, s = render(row, fit)
         messages.append(m)
         sampling.append(s)

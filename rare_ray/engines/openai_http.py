@@ -66,8 +66,8 @@ from rare_ray.engines.llm import (
     TRUNCATED,
     Messages,
     Render,
-    _TokenBudget,
-    _tokenizer,
+    TokenBudget,
+    load_tokenizer,
 )
 
 logger = logging.getLogger("rare_ray")
@@ -255,7 +255,7 @@ class OpenAIWorker:
         if self._key is not None:
             self._headers["Authorization"] = f"Bearer {self._key.reveal()}"
         if engine.tokenizer:
-            _tokenizer(engine.tokenizer)  # loaded once per worker; a bad path fails here
+            load_tokenizer(engine.tokenizer)  # loaded once per worker; a bad path fails here
         self._slots: asyncio.Semaphore | None = None
         # Batches render in threads; a Hugging Face tokenizer must not be used by two at once
         # ("Already borrowed").
@@ -280,9 +280,9 @@ class OpenAIWorker:
             text = text.replace(self._key.reveal(), REDACTED)
         return text
 
-    def _budget(self) -> _TokenBudget | _CharBudget:
+    def _budget(self) -> TokenBudget | _CharBudget:
         if self.engine.tokenizer:
-            return _TokenBudget(self.engine.tokenizer)
+            return TokenBudget(self.engine.tokenizer)
         return _CharBudget(self.engine.chars_per_token)
 
     def _render(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
