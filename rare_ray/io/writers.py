@@ -34,10 +34,10 @@ from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, SPLIT, counter_column
 
 SUCCESS = "_SUCCESS"
 
+# The columns of rejects/ files; `stage` is in the hive path (rejects/stage=<stage>/).
 REJECT_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string()),
-        pa.field("stage", pa.string()),
         pa.field("reason", pa.string()),
         pa.field("attempts", pa.int32()),
         pa.field("text", pa.string()),
@@ -171,8 +171,6 @@ class OutputDir:
         self._swap(staging, self.path("rejects"))
 
     def _write_rejects(self, stage: str, batches: Iterable[pa.RecordBatch], staging: str) -> None:
-        # `stage` is in the hive path (rejects/stage=<stage>/), not repeated in the files.
-        schema = pa.schema([f for f in REJECT_SCHEMA if f.name != "stage"])
         writer = None
         try:
             for batch in batches:
@@ -182,15 +180,15 @@ class OutputDir:
                     batch.column(f.name).cast(f.type)
                     if f.name in batch.schema.names
                     else pa.nulls(batch.num_rows, f.type)
-                    for f in schema
+                    for f in REJECT_SCHEMA
                 ]
                 if writer is None:
                     directory = f"{staging}/stage={stage}"
                     self.fs.create_dir(directory, recursive=True)
                     writer = pq.ParquetWriter(
-                        f"{directory}/part-0.parquet", schema, filesystem=self.fs
+                        f"{directory}/part-0.parquet", REJECT_SCHEMA, filesystem=self.fs
                     )
-                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+                writer.write_table(pa.Table.from_arrays(columns, schema=REJECT_SCHEMA))
         finally:
             if writer is not None:
                 writer.close()
