@@ -18,14 +18,18 @@ def check_model(model: str) -> None:
     looks_local = model.startswith((".", "/", "~")) or path.exists()
     if not looks_local:
         return  # a hub id: resolved by the engine on the node (weights may be cached there)
+    hint = "for the local test model run `rare-ray build-test-model`"
     config = path / "config.json"
     try:
         config.read_bytes()
     except OSError as e:
-        raise InputError(
-            f"model {model!r} is not readable ({e.strerror or e}); for the local test model "
-            "run `rare-ray build-test-model`"
-        ) from e
+        if not path.exists():
+            problem = "does not exist"
+        elif path.is_dir() and not config.exists():
+            problem = "has no config.json (not a Hugging Face model directory)"
+        else:
+            problem = f"is not readable ({e.strerror or e})"
+        raise InputError(f"model {model!r} {problem}; {hint}") from e
 
 
 def check_gpus(engine: EngineConfig, cluster_resources: dict[str, float]) -> None:

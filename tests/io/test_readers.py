@@ -109,3 +109,31 @@ def test_ids_derive_from_the_named_document_column(ray_local, tmp_path):
     out = read_documents(str(path), columns, id_from="text").take_all()
     assert sorted(r["id"] for r in out) == sorted(content_key(r["text"]) for r in rows)
     assert all(r["reject_reason"] is None for r in out)
+
+
+def test_a_later_json_array_that_does_not_parse_is_one_reject(ray_local, tmp_path):
+    """The first file is checked before the run starts; a broken later one must not fail it."""
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "1", "text": "one"}])
+    (tmp_path / "b.json").write_text(json.dumps([{"id": "2", "text": "two"}])[:-5])
+    rows = sorted(read_documents(str(tmp_path), TEXT).take_all(), key=lambda r: r["source"])
+    assert [r["reject_reason"] for r in rows[:1]] == [None]
+    [bad] = rows[1:]
+    assert bad["source"] == str(tmp_path / "b.json") and bad["line"] is None
+    assert bad["reject_reason"].startswith("not a valid JSON array (Unterminated string")
+
+
+def test_parquet_files_are_all_checked_before_reading(tmp_path):
+    pq.write_table(pa.table({"id": ["1"], "text": ["one"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["2"], "text": [2]}), tmp_path / "b.parquet")
+    with pytest.raises(InputError, match=r"b\.parquet: column 'text' is int64, expected string"):
+        check_input(str(tmp_path), TEXT, "id")
+    pq.write_table(pa.table({"id": [2], "body": ["no text"]}), tmp_path / "b.parquet")
+    with pytest.raises(InputError, match=r"b\.parquet: column 'id' is int64, but string in"):
+        check_input(str(tmp_path), TEXT, "id")
+    # A later file without the column, or with large_string, is readable: its rows are checked.
+    pq.write_table(pa.table({"id": ["2"], "body": ["no text"]}), tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"id": ["3"], "text": pa.array(["three"], pa.large_string())}),
+        tmp_path / "c.parquet",
+    )
+    check_input(str(tmp_path), TEXT, "id")

@@ -1,0 +1,268 @@
+"""An API key given through the environment never appears in the manifest, logs or output.
+
+The job runs as a user runs it (the ``rare-ray`` command in its own process, a private local
+Ray) with ``engine.kind: openai``, against conftest.py's ScriptedServer standing in for a hosted
+API (the test double: no hosted API can be reached from a test). The server answers only
+requests that carry the key, and for one document answers "401: bad key Bearer <the key>", as
+some APIs do, so the key comes back to the client inside an error that ends up in a reject.
+
+Then the key must be nowhere in: manifest.json; any file under the output directory (Parquet
+scanned as raw bytes and as decoded values, since pages are compressed) and the BM25 index
+directory; the driver's stdout and stderr; any file of the Ray session directory (logs of the
+raylet, GCS, workers, actors, Ray Data and the runtime-env agent), which the driver looks up
+through Ray's own API (``ray._private.worker._global_node.get_session_dir_path()``) after the
+run and writes to a file for the test.
+
+Two ways in: the driver's environment (the documented way; a whole run, in the default
+suite), and the config's ``ray.runtime_env.env_vars`` (Ray hands it to the workers; Doc2Query
+alone, marked slow). The second leaks today, in two places that strict xfails name: Ray's own
+runtime-env agent log, and the manifest when the variable's name does not look like a secret's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO, local_config_in, sample_rows, write_jsonl
+from tests.engines.conftest import Reply, ScriptedServer, answer, failure
+
+ECHO = "Please echo the key back"  # in one document: the server answers it with the key
+
+
+def new_key() -> str:
+    return "sk-rare-ray-" + secrets.token_hex(20)
+
+
+def hosted_api(key: str) -> ScriptedServer:
+    """Answers Doc2Query (JSON) and ReasonDistill (text); 401 without the key."""
+
+    def reply(body: dict[str, Any]) -> Reply:
+        auth = server.requests[-1]["headers"].get("Authorization", "")
+        prompt = json.dumps(body["messages"])
+        if auth != f"Bearer {key}":
+            return failure(401, "Incorrect API key provided")
+        if ECHO in prompt:
+            return failure(401, f"bad key {auth}")
+        if "response_format" in body:  # Doc2Query's JSON schema
+            text = json.dumps({"question": "What does it show?", "scenario": "A reader asks."})
+            return answer(text, tokens=20)
+        return answer("<think>Document 1 is the one.</think> Document 1.", tokens=20)
+
+    server = ScriptedServer(reply)
+    return server
+
+
+# Like `python -m rare_ray.cli`, then the session directory from Ray's API, for the test.
+DRIVER = """
+import sys
+import ray
+from rare_ray.cli import main
+code = main(sys.argv[2:])
+node = ray._private.worker._global_node
+with open(sys.argv[1], "w") as f:
+    f.write(node.get_session_dir_path() if node is not None else "")
+sys.exit(code)
+"""
+
+
+def run_driver(
+    tmp: Path, *args: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess, Path]:
+    session_file = tmp / "session-dir.txt"
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(session_file), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    session = Path(session_file.read_text())
+    assert (session / "logs").is_dir(), session
+    return result, session
+
+
+def files_under(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():  # not sockets, not links out
+                yield path
+
+
+def where_is(needle: str, roots: list[Path], texts: dict[str, str]) -> list[str]:
+    """Every file under ``roots`` and every named text that holds ``needle``."""
+    raw = needle.encode()
+    found = [name for name, text in texts.items() if needle in text]
+    for path in files_under(*roots):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # gone while scanning (a log rotated away)
+        if raw in data:
+            found.append(str(path))
+        elif path.suffix == ".parquet" and needle in json.dumps(
+            pq.read_table(path).to_pylist(), default=str
+        ):
+            found.append(f"{path} (decoded)")
+    return found
+
+
+def config_file(tmp: Path, test_model: Path, base_url: str, key_env: str) -> dict[str, Any]:
+    config = local_config_in(tmp, test_model).model_dump(mode="json")
+    config["engine"] = {
+        "kind": "openai",
+        "base_url": base_url,
+        "model": "hosted-model",
+        "api_key_env": key_env,
+        "tokenizer": str(test_model),
+        "max_model_len": 8192,
+        "seed_requests": False,
+        "max_retries": 1,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "timeout_s": 60,
+    }
+    config["doc2query"]["max_doc_tokens"] = 512
+    config["distill"]["max_doc_tokens"] = 256
+    return config
+
+
+def corpus(tmp: Path) -> Path:
+    rows = [{"id": r["id"], "text": r["text"]} for r in sample_rows(8)]
+    rows.append({"id": "echo", "text": f"{ECHO}. " + sample_rows(9)[-1]["text"]})
+    return write_jsonl(tmp / "corpus.jsonl", rows)
+
+
+def scrubbed_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RARE_RAY_TEST")}
+    return {**env, **extra}
+
+
+def test_a_key_in_the_environment_is_nowhere_but_in_the_requests(
+    tmp_path: Path, test_model: Path
+) -> None:
+    key, key_env = new_key(), "RARE_RAY_TEST_API_KEY"
+    with hosted_api(key) as server:
+        config = config_file(tmp_path, test_model, server.base_url, key_env)
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        out = tmp_path / "out"
+        result, session = run_driver(
+            tmp_path,
+            "run", "--config", str(tmp_path / "config.yaml"),
+            "--input", str(corpus(tmp_path)), "--output", str(out),
+            env=scrubbed_env(**{key_env: key}),
+        )  # fmt: skip
+    # The key did its job: every request carried it, and one error came back with it.
+    assert server.requests
+    assert all(r["headers"]["Authorization"] == f"Bearer {key}" for r in server.requests)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["output_rows"] == 8 and manifest["counts"]["rejected_rows"] == 1
+    [reject] = pq.read_table(out / "rejects" / "stage=doc2query").to_pylist()
+    assert reject["id"] == "echo"
+    assert reject["reason"].startswith("engine error: HTTP 401: bad key Bearer <redacted>")
+
+    roots = [out, Path(config["bm25"]["local_dir"]), session]
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    assert where_is(key, roots, texts) == []
+    assert where_is(key.removeprefix("sk-rare-ray-"), roots, texts) == []  # nor a piece of it
+    # The scan did look at this run's files: its Ray Data logs and output are there.
+    assert where_is("MapBatches(OpenAIWorker)", [session / "logs"], {})
+    assert where_is("hosted-model", [out / "manifest.json"], {})
+    assert where_is("What does it show?", [out / "data"], {})
+
+
+# Through the config's runtime_env: Ray hands the key to the workers, but its runtime-env agent
+# logs every runtime env it creates, env_vars and all, at INFO (Ray 2.60). Slow (a second run),
+# and known to leak: the xfails say where.
+RAY_LOGS_THE_RUNTIME_ENV = "runtime_env_agent.log"
+
+
+@pytest.fixture(scope="module")
+def runtime_env_run(tmp_path_factory: pytest.TempPathFactory, test_model: Path) -> dict:
+    """Doc2Query alone, with the key only in the config's runtime_env, under a name that does
+    not look like a secret's (`..._GATEWAY_KEY`; `AZURE_OPENAI_KEY` is a real one); next to it
+    an unused decoy under a name that does (`..._API_KEY`)."""
+    tmp = tmp_path_factory.mktemp("runtime-env-key")
+    key, key_env = new_key(), "RARE_RAY_TEST_GATEWAY_KEY"
+    decoy, decoy_env = new_key(), "RARE_RAY_TEST_DECOY_API_KEY"
+    with hosted_api(key) as server:
+        config = config_file(tmp, test_model, server.base_url, key_env)
+        config["ray"]["runtime_env"]["env_vars"].update({key_env: key, decoy_env: decoy})
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+        out = tmp / "out"
+        result, session = run_driver(
+            tmp,
+            "doc2query", "--config", str(tmp / "config.yaml"),
+            "--input", str(corpus(tmp)), "--output", str(out),
+            env=scrubbed_env(),  # not in the driver's environment
+        )  # fmt: skip
+    manifest_text = (out / "manifest.json").read_text()
+    return {
+        "keys": {key_env: key, decoy_env: decoy},
+        "key_env": key_env,
+        "decoy_env": decoy_env,
+        "server": server,
+        "out": out,
+        "result": result,
+        "session": session,
+        "manifest_text": manifest_text,
+        "env_vars": json.loads(manifest_text)["config"]["ray"]["runtime_env"]["env_vars"],
+    }
+
+
+@pytest.mark.slow
+def test_a_key_in_the_runtime_env_reaches_the_workers_and_no_output_or_our_logs(
+    runtime_env_run: dict,
+) -> None:
+    run = runtime_env_run
+    key = run["keys"][run["key_env"]]
+    requests = run["server"].requests
+    assert requests and all(r["headers"]["Authorization"] == f"Bearer {key}" for r in requests)
+    out = run["out"]
+    assert pq.read_table(out / "rejects").num_rows == 1  # the echo
+    texts = {"stdout": run["result"].stdout, "stderr": run["result"].stderr}
+    roots = [p for p in out.iterdir() if p.name != "manifest.json"]
+    roots += [p for p in run["session"].iterdir() if p.name != "logs"]
+    roots += [p for p in (run["session"] / "logs").iterdir() if p.name != RAY_LOGS_THE_RUNTIME_ENV]
+    for secret in run["keys"].values():
+        assert where_is(secret, roots, texts) == []
+    # A name that looks like a secret's is redacted in the manifest.
+    assert run["env_vars"][run["decoy_env"]] == "<redacted>"
+    assert run["keys"][run["decoy_env"]] not in run["manifest_text"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the manifest redacts by key name only: the value of the variable that "
+    "engine.api_key_env names is kept when its name does not look like a secret's",
+)
+def test_the_key_in_the_runtime_env_is_redacted_in_the_manifest(runtime_env_run: dict) -> None:
+    run = runtime_env_run
+    assert run["key_env"] in run["env_vars"]  # the variable is listed, its value is not
+    assert run["keys"][run["key_env"]] not in run["manifest_text"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="Ray's runtime-env agent logs runtime envs, env_vars included, in plain text: "
+    "a key must not be accepted in ray.runtime_env.env_vars",
+)
+def test_the_key_in_the_runtime_env_is_not_in_rays_runtime_env_log(runtime_env_run: dict) -> None:
+    log = runtime_env_run["session"] / "logs" / RAY_LOGS_THE_RUNTIME_ENV
+    assert log.is_file()
+    for secret in runtime_env_run["keys"].values():
+        assert where_is(secret, [log], {}) == []
