@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--input", help="corpus path (overrides the config)")
         sub.add_argument("--output", help="output directory (overrides the config)")
         sub.add_argument("--limit", type=int, help="use only the first N documents")
+        sub.add_argument(
+            "--fresh",
+            action="store_true",
+            help="delete what an earlier run left in the output directory and start over "
+            "(by default a rerun resumes, and refuses a changed config or corpus)",
+        )
         if name == "bm25":
             sub.add_argument("--corpus", help="index this corpus instead of the input's texts")
     status = commands.add_parser("status", help="what an output directory holds so far")
@@ -54,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     bm25.add_argument("--searchers-per-node", type=int, default=2)
     bm25.add_argument("--repeats", type=int, default=20, help="passes over the 1,000 queries")
     bm25.add_argument("--local-dir", default="/tmp/rare-ray/bench-indexes")
+    llm = bench.add_parser("llm", help="LLM stages through Ray Data vs. bare vLLM")
+    llm.add_argument("--config", default="configs/local.yaml", help="engine and stage settings")
+    llm.add_argument("--docs", type=int, default=256, help="rows per stage")
+    llm.add_argument(
+        "--stages", nargs="+", choices=["doc2query", "distill"], default=["doc2query", "distill"]
+    )
+    llm.add_argument("--repeats", type=int, default=1, help="bare/Ray pairs per stage")
+    llm.add_argument("--json", help="also write the results to this JSON file")
+    scale = bench.add_parser("pipeline", help="the whole job at several corpus sizes")
+    scale.add_argument("--config", default="configs/local.yaml")
+    scale.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1_000])
+    scale.add_argument("--output", default="/tmp/rare-ray/bench-pipeline")
+    scale.add_argument("--json", help="also write the results to this JSON file")
     model = commands.add_parser("build-test-model", help="build the tiny random-weight model")
     model.add_argument("--output", default=TEST_MODEL_DIR)
     model.add_argument("--seed", type=int, default=0)
@@ -70,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _status(args.output)
 
+    from rare_ray.io.checkpoints import ResumeError
     from rare_ray.io.readers import InputError
     from rare_ray.io.writers import OutputError
     from rare_ray.pipeline import run
@@ -79,12 +99,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = RunConfig.from_yaml(
             args.config, input=args.input, output=args.output, limit=args.limit
         )
-    except (OSError, ValidationError) as e:
-        print(f"rare-ray: bad config {args.config}:\n{e}", file=sys.stderr)
+    except OSError as e:
+        print(f"rare-ray: cannot read config {args.config}: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        # Field by field, without the values given: a config may hold a secret by mistake.
+        problems = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False)
+        ]
+        print(f"rare-ray: bad config {args.config}:\n" + "\n".join(problems), file=sys.stderr)
         return 2
     try:
-        manifest = run(config, _STAGE_COMMANDS[args.command], corpus=getattr(args, "corpus", None))
-    except (InputError, OutputError, ClusterError) as e:
+        manifest = run(
+            config,
+            _STAGE_COMMANDS[args.command],
+            corpus=getattr(args, "corpus", None),
+            fresh=args.fresh,
+        )
+    except (InputError, OutputError, ClusterError, ResumeError) as e:
         print(f"rare-ray: {e}", file=sys.stderr)
         return 2
     _summary(manifest)
@@ -95,13 +128,14 @@ def _status(output: str) -> int:
     from rare_ray.io.writers import OutputDir
 
     status = OutputDir(output).status()
-    if not status["stages"]:
+    if not status["passes"]:
         print(f"{output}: no stage has written anything yet")
         return 1
-    print(f"{'stage':<10} {'state':<9} {'kept':>8} {'rejected':>9}")
-    for stage, s in status["stages"].items():
-        state = "complete" if s["complete"] else "partial"
-        print(f"{stage:<10} {state:<9} {s.get('out', '-'):>8} {s.get('rejected', '-'):>9}")
+    print(f"{'stage':<20} {'state':<9} {'shards':>9} {'kept':>8} {'rejected':>9}")
+    for name, p in status["passes"].items():
+        state = "complete" if p["complete"] else "partial"
+        shards = f"{p['committed']}/{p['shards']}"
+        print(f"{name:<20} {state:<9} {shards:>9} {p['kept']:>8} {p['rejected']:>9}")
     published = status["published"]
     print(
         f"data/: {published['data']} rows, rejects/: {published['rejects']} rows; "
@@ -114,6 +148,16 @@ def _bench(args: argparse.Namespace) -> int:
     import ray
 
     from rare_ray.bench import bm25
+
+    if args.bench in ("llm", "pipeline"):
+        from rare_ray.bench import llm, pipeline
+
+        config = RunConfig.from_yaml(args.config)
+        if args.bench == "llm":
+            llm.main(config, args.docs, args.stages, args.json, args.repeats)
+        else:
+            pipeline.main(config, args.sizes, args.output, args.json)
+        return 0
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     print(f"Ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs")

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from rare_ray.io.manifest import looks_secret
+
 
 class _Section(BaseModel):
     # A misspelt key in a YAML file should fail loudly, not be ignored.
@@ -31,6 +33,12 @@ class SamplingConfig(_Section):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(512, gt=0, description="Most tokens generated per answer.")
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens generated before end-of-sequence may end an answer (a vLLM "
+        "parameter; sent only when set, since not every OpenAI-compatible server knows it).",
+    )
 
 
 class VLLMEngineConfig(_Section):
@@ -59,6 +67,12 @@ class VLLMEngineConfig(_Section):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments, passed through."
     )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a dead engine replica is restarted, and times a batch it held is retried, "
+        "before the batch counts as failed (see checkpoint.max_failed_batches).",
+    )
     check_resources: bool = Field(
         True,
         description="Before any engine starts, check that the cluster has the GPUs (and "
@@ -74,7 +88,7 @@ class VLLMEngineConfig(_Section):
 
     def sampling(self, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
         """vLLM sampling parameters for one request."""
-        params: dict[str, Any] = sampling.model_dump()
+        params: dict[str, Any] = sampling.model_dump(exclude_none=True)
         if self.seed_requests:
             params["seed"] = seed
         return params
@@ -177,7 +191,7 @@ class OpenAIEngineConfig(_Section):
 
     def sampling(self, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
         """Sampling fields of one request (OpenAI names; the seed only with seed_requests)."""
-        params: dict[str, Any] = sampling.model_dump()
+        params: dict[str, Any] = sampling.model_dump(exclude_none=True)
         if self.seed_requests:
             params["seed"] = seed
         return params
@@ -237,6 +251,12 @@ class BM25Config(_Section):
         "quarter of the node's memory shared among its searchers, between 256m and 4g.",
     )
     batch_size: int = Field(256, gt=0, description="Questions per search batch.")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a dead searcher actor is restarted, and times a batch it held is retried, "
+        "before the batch counts as failed (see checkpoint.max_failed_batches).",
+    )
     local_dir: str = Field(
         "/tmp/rare-ray/indexes",
         description="Node-local directory the index is unpacked into; '{node_id}' in it is "
@@ -297,6 +317,38 @@ class OutputConfig(_Section):
     )
 
 
+class CheckpointConfig(_Section):
+    shard_rows: int = Field(
+        1000,
+        gt=0,
+        description="Rows per shard. Every stage writes and commits its output shard by shard; "
+        "a run that dies loses at most the shards in flight, and a rerun redoes only those.",
+    )
+    max_failed_batches: int = Field(
+        8,
+        ge=0,
+        description="Batches per stage whose retries may run out before the stage stops. Their "
+        "rows go to rejects with the error; beyond this many, the run stops (a rerun resumes).",
+    )
+
+
+# Settings that change how fast or where a stage runs, never what it writes.
+_ENGINE_RUNTIME = {
+    "replicas", "tensor_parallel_size", "pipeline_parallel_size", "accelerator_type",
+    "cpus_per_replica", "batch_size", "max_concurrent_batches", "check_resources", "device",
+    "workers", "concurrency", "cpus_per_worker", "timeout_s", "max_retries", "backoff_base_s",
+    "backoff_max_s", "api_key_env", "base_url", "max_restarts",
+}  # fmt: skip
+_ENGINE_KWARGS_RUNTIME = {
+    "enforce_eager", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+    "enable_prefix_caching", "enable_chunked_prefill", "swap_space", "disable_log_stats",
+    "distributed_executor_backend",
+}  # fmt: skip
+_BM25_RUNTIME = {
+    "searchers_per_node", "threads_per_searcher", "cpus_per_searcher", "heap_per_searcher",
+    "batch_size", "local_dir", "chunk_bytes", "share_uri", "max_restarts",
+}  # fmt: skip
+
 StageName = Literal["doc2query", "bm25", "distill"]
 ALL_STAGES: tuple[StageName, ...] = ("doc2query", "bm25", "distill")
 
@@ -315,6 +367,7 @@ class RunConfig(_Section):
     bm25: BM25Config = Field(default_factory=BM25Config)
     distill: ReasonDistillConfig = Field(default_factory=ReasonDistillConfig)
     output_layout: OutputConfig = Field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _prompts_fit_context(self) -> RunConfig:
@@ -339,6 +392,45 @@ class RunConfig(_Section):
                 f"{self.engine.max_model_len}: lower doc2query.max_doc_tokens"
             )
         return self
+
+    @model_validator(mode="after")
+    def _no_secrets_in_runtime_env(self) -> RunConfig:
+        env_vars = self.ray.runtime_env.get("env_vars") or {}
+        key_env = getattr(self.engine, "api_key_env", None)
+        secret = sorted(k for k in env_vars if k == key_env or looks_secret(str(k)))
+        if secret:
+            raise ValueError(
+                f"ray.runtime_env.env_vars holds {', '.join(secret)}: Ray writes runtime "
+                "environments, values and all, to its logs. Set secrets in the environment of "
+                "the rare-ray command instead; the engine hands the key to its workers."
+            )
+        return self
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings that decide what ``stage`` writes ('ingest' or a stage name).
+
+        A rerun into the same output directory resumes only if these are unchanged; settings
+        that change only how fast or where a stage runs (replicas, batch sizes, searchers) are
+        left out, so a rerun may tune them.
+        """
+        if stage == "ingest":
+            return {
+                "input": self.input,
+                "id_key": self.id_key,
+                "limit": self.limit,
+                "shard_rows": self.checkpoint.shard_rows,
+            }
+        if stage == "bm25":
+            return {"bm25": self.bm25.model_dump(mode="json", exclude=_BM25_RUNTIME)}
+        engine = self.engine.model_dump(mode="json", exclude=_ENGINE_RUNTIME)
+        if isinstance(self.engine, VLLMEngineConfig):
+            engine["engine_kwargs"] = {
+                k: v
+                for k, v in self.engine.engine_kwargs.items()
+                if k not in _ENGINE_KWARGS_RUNTIME
+            }
+        section = self.doc2query if stage == "doc2query" else self.distill
+        return {"seed": self.seed, "engine": engine, stage: section.model_dump(mode="json")}
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:

@@ -1,14 +1,16 @@
 """The RARE job: ingest, then Doc2Query -> BM25HardNeg -> ReasonDistill, each checkpointed.
 
 Each stage reads the kept rows of the stage before it from Parquet and writes all of its own
-rows back, so an LLM stage has the cluster's accelerators to itself, and a later stage never
-holds a reference into an earlier one's execution. The BM25 index is built on CPUs by its own
+rows back, shard by shard (``rare_ray.io.checkpoints``), so an LLM stage has the cluster's
+accelerators to itself, a later stage never holds a reference into an earlier one's execution,
+and a rerun picks up at the first shard that was not committed. The BM25 index is built on CPUs by its own
 actor while Doc2Query runs. Any subset of the stages can run (in this order), which is how
 each operator also runs alone.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -19,16 +21,16 @@ from typing import Any
 import ray
 
 from rare_ray.config import ALL_STAGES, RayConfig, RunConfig, StageName
+from rare_ray.io.checkpoints import INGEST, fingerprint
 from rare_ray.io.manifest import redact, versions
-from rare_ray.io.readers import check_input, read_documents
+from rare_ray.io.readers import check_input, input_listing, read_documents
 from rare_ray.io.writers import OutputDir
 from rare_ray.operators import BM25HardNeg, Doc2Query, Operator, ReasonDistill
 from rare_ray.preflight import check_gpus, check_model
 from rare_ray.rows import kept
+from rare_ray.runner import Source, run_pass
 
 logger = logging.getLogger("rare_ray")
-
-INGEST = "ingest"
 
 
 class ReconciliationError(RuntimeError):
@@ -59,21 +61,48 @@ def init_ray(config: RayConfig) -> None:
     )
 
 
+def stage_settings(
+    config: RunConfig, operators: Sequence[Operator], corpus: str | None
+) -> dict[str, dict[str, Any]]:
+    """What each stage's output depends on: its own settings and everything upstream.
+
+    The input is identified by its files' names, sizes and modification times.
+    """
+    first = operators[0]
+    ingest = {
+        **config.stage_settings(INGEST),
+        "columns": dict(first.input_columns),
+        "files": input_listing(config.input),
+    }
+    settings = {INGEST: ingest}
+    upstream = ingest
+    for op in operators:
+        own = config.stage_settings(op.name)
+        if op.name == "bm25" and corpus is not None:
+            own["corpus"] = input_listing(corpus)
+        settings[op.name] = upstream = {**own, "upstream": fingerprint(upstream)}
+    return settings
+
+
 def run(
     config: RunConfig,
     stages: Sequence[StageName] = ALL_STAGES,
     corpus: str | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run ``stages`` over ``config.input``; returns the manifest (also in the output dir).
 
-    ``corpus`` (BM25 only) indexes another file than the input, e.g. a table of questions
-    mined against a separate document collection.
+    A rerun into the same output directory resumes: stages and shards that an earlier run
+    committed are skipped. It refuses an earlier run made with other settings, unless ``fresh``
+    (then the output directory is cleared first). ``corpus`` (BM25 only) indexes another file
+    than the input, e.g. a table of questions mined against a separate document collection.
     """
     started = datetime.now(UTC)
     operators = build_operators(config, stages)
     if not operators:
         raise ValueError(f"no stage to run among {list(stages)}")
     out = OutputDir(config.output)
+    ckpt = out.checkpoints
 
     # Everything that can be checked without an engine is checked before one starts.
     out.check_writable()
@@ -84,6 +113,10 @@ def run(
         check_model(config.engine.model)
     if corpus is not None:
         check_input(corpus, {"text": "text"}, config.id_key)
+    settings = stage_settings(config, operators, corpus)
+    if fresh:
+        out.clear()
+    ckpt.check_settings(settings)
 
     init_ray(config.ray)
     if uses_llm:
@@ -93,18 +126,24 @@ def run(
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    _log(f"reading {config.input}")
-    documents = read_documents(
-        config.input, required, config.id_key, config.limit, id_from=operators[0].text_key
-    )
-    out.write_stage(INGEST, documents)
+    ingest = ckpt.pass_of(INGEST)
+    if ingest.complete():
+        _log(f"ingest: complete in {config.output}, resuming after it")
+    else:
+        _log(f"reading {config.input}")
+        documents = read_documents(
+            config.input, required, config.id_key, config.limit, id_from=operators[0].text_key
+        )
+        ckpt.write_ingest(documents, config.checkpoint.shard_rows)
+        ckpt.record_settings(INGEST, settings[INGEST])
     timings[INGEST] = time.perf_counter() - t
 
     index_build = None
     bm25 = next((op for op in operators if isinstance(op, BM25HardNeg)), None)
-    if bm25 is not None:
+    if bm25 is not None and not ckpt.pass_of(bm25.name).complete():
         if corpus is None:
-            index_corpus = out.read_stage(INGEST)
+            whole = Source((ingest,), "kept", from_ingest=True)
+            index_corpus = whole.read(whole.expected())
         else:
             index_corpus = read_documents(corpus, {bm25.config.input_text_key: "text"})
             index_corpus = index_corpus.map_batches(kept, batch_format="pyarrow")
@@ -112,36 +151,60 @@ def run(
         index_build = bm25.start_index(index_corpus)
 
     index_info: dict[str, Any] | None = None
-    previous = INGEST
+    source = Source((ingest,), "kept", from_ingest=True)
     for op in operators:
         t = time.perf_counter()
-        _log(f"stage {op.name}: starting")
-        ds = out.read_stage(previous)
-        if isinstance(op, BM25HardNeg):
-            assert index_build is not None
-            index = index_build.result()
-            index_info = index.describe()
-            _log(f"BM25 index ready: {index.num_docs} documents in {index.build_seconds:.1f} s")
-            result = op.run(ds, index=index)
-        else:
-            result = op.run(ds)
-        out.write_stage(op.name, result)
+        ckpt.record_settings(op.name, settings[op.name])
+        for attempt in range(1, op.attempts + 1):
+            step = ckpt.pass_of(op.name, attempt)
+            label = op.name if attempt == 1 else f"{op.name} (attempt {attempt})"
+            if step.complete():
+                _log(f"{label}: complete, skipped")
+            else:
+                _log(f"{label}: starting")
+                process = functools.partial(op.run_pass, attempt=attempt)
+                if isinstance(op, BM25HardNeg):
+                    assert index_build is not None
+                    index = index_build.result()
+                    index_info = index.describe()
+                    _log(
+                        f"BM25 index ready: {index.num_docs} documents in {index.build_seconds:.1f} s"
+                    )
+                    process = functools.partial(op.run, index=index)
+                done = run_pass(step, source, process, op, config.checkpoint.max_failed_batches)
+                failed = done["failed_rows"]
+                _log(
+                    f"{label}: {done['rows']} rows in {done['run']} shards, "
+                    f"{done['skipped']} shards committed before"
+                    + (f"; {failed} rows of failed batches rejected" if failed else "")
+                )
+            source = Source((step,), "rejected")
         timings[op.name] = time.perf_counter() - t
-        counts = out.stage_counts(op.name)
+        counts = ckpt.counts(op.name, op.attempts)
         _log(
             f"stage {op.name}: {counts['out']} kept, {counts['rejected']} rejected "
             f"({timings[op.name]:.1f} s)"
         )
-        previous = op.name
+        source = Source(tuple(ckpt.passes(op.name, op.attempts)), "kept")
 
     t = time.perf_counter()
-    out.publish_data(previous, config.output_layout.validation_fraction)
+    last = operators[-1]
+    everything = list(ingest.committed())
+    out.publish_data(
+        ckpt.kept_files(last.name, last.attempts, everything),
+        config.output_layout.validation_fraction,
+    )
     out.publish_rejects(
-        {INGEST: operators[0].text_key, **{op.name: op.text_key for op in operators}}
+        [
+            (INGEST, ingest.files(everything), operators[0].text_key),
+            *(
+                (op.name, ckpt.pass_of(op.name, op.attempts).files(everything), op.text_key)
+                for op in operators
+            ),
+        ]
     )
     timings["publish"] = time.perf_counter() - t
 
-    stage_names = [INGEST, *(op.name for op in operators)]
     manifest = {
         "rare_ray_version": versions()["rare-ray"],
         "started_at": started.isoformat(),
@@ -152,7 +215,8 @@ def run(
         "engine": config.engine.model_dump(include={"kind", "model", "device"}),
         "versions": versions(),
         "index": index_info,
-        "counts": _reconcile(out, stage_names),
+        "shards": len(everything),
+        "counts": _reconcile(out, operators),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "config": redact(config.model_dump(mode="json")),
     }
@@ -161,33 +225,46 @@ def run(
     return manifest
 
 
-def _reconcile(out: OutputDir, stages: list[str]) -> dict[str, Any]:
+def _reconcile(out: OutputDir, operators: Sequence[Operator]) -> dict[str, Any]:
     """Counts per stage; checks that in = out + rejected everywhere and overall."""
-    per_stage: dict[str, dict[str, int]] = {}
-    incoming = None
-    for stage in stages:
-        counts = out.stage_counts(stage)
-        written = counts["out"] + counts["rejected"]
-        counts = {"in": written if incoming is None else incoming, **counts}
-        if counts["in"] != written:
+    ckpt = out.checkpoints
+    ingest = ckpt.pass_of(INGEST).committed()
+    shards = list(ingest)
+    per_stage: dict[str, dict[str, int]] = {
+        INGEST: {
+            "in": sum(s.rows for s in ingest.values()),
+            "out": sum(s.kept for s in ingest.values()),
+            "rejected": sum(s.rejected for s in ingest.values()),
+        }
+    }
+    incoming = per_stage[INGEST]["out"]
+    for op in operators:
+        counts = ckpt.counts(op.name, op.attempts)
+        if counts["in"] != incoming:
             raise ReconciliationError(
-                f"stage {stage}: {counts['in']} rows in, but {counts['out']} kept + "
+                f"stage {op.name}: {incoming} rows came in, but {counts['out']} kept + "
                 f"{counts['rejected']} rejected"
             )
-        per_stage[stage] = counts
+        counts.update(
+            out.counter_totals(
+                op.name,
+                ckpt.kept_files(op.name, op.attempts, shards),
+                ckpt.pass_of(op.name, op.attempts).files(shards),
+            )
+        )
+        per_stage[op.name] = counts
         incoming = counts["out"]
-    input_rows = per_stage[stages[0]]["in"]
+    input_rows = per_stage[INGEST]["in"]
     rejected = sum(c["rejected"] for c in per_stage.values())
-    output_rows = per_stage[stages[-1]]["out"]
     published = {"data": out.count_rows("data"), "rejects": out.count_rows("rejects")}
-    if input_rows != published["data"] + published["rejects"] or published["data"] != output_rows:
+    if input_rows != published["data"] + published["rejects"] or published["data"] != incoming:
         raise ReconciliationError(
             f"{input_rows} input rows, but {published['data']} in data/ + "
-            f"{published['rejects']} in rejects/ (last stage kept {output_rows})"
+            f"{published['rejects']} in rejects/ (last stage kept {incoming})"
         )
     return {
         "input_rows": input_rows,
-        "output_rows": output_rows,
+        "output_rows": incoming,
         "rejected_rows": rejected,
         "stages": per_stage,
     }

@@ -18,6 +18,8 @@ REJECT_REASON = "reject_reason"
 SOURCE = "source"
 LINE = "line"
 SPLIT = "split"
+# The checkpoint shard a row belongs to, fixed at ingest (see rare_ray.io.checkpoints).
+SHARD = "shard"
 
 
 def normalized(text: str) -> str:

@@ -143,17 +143,24 @@ def test_manifest_records_config_engine_versions_and_index(run):
 def test_publishing_again_replaces_rather_than_duplicates(run):
     config, manifest, _, out = run
     output = OutputDir(str(out))
-    output.publish_data("distill", config.output_layout.validation_fraction)
+    shards = list(output.checkpoints.pass_of("ingest").committed())
+    files = output.checkpoints.kept_files("distill", 1, shards)
+    output.publish_data(files, config.output_layout.validation_fraction)
     assert len(_read(out / "data")) == manifest["counts"]["output_rows"]
 
 
-def test_status_reports_every_stage_complete_with_the_manifest_counts(run):
-    _, manifest, _, out = run
+def test_status_reports_every_pass_complete_with_the_manifest_counts(run):
+    config, manifest, _, out = run
     status = OutputDir(str(out)).status()
     assert status["finished"]
-    assert list(status["stages"]) == ["ingest", "doc2query", "bm25", "distill"]
-    for stage, counts in manifest["counts"]["stages"].items():
-        assert status["stages"][stage]["complete"]
-        assert status["stages"][stage]["out"] == counts["out"]
-        assert status["stages"][stage]["rejected"] == counts["rejected"]
+    reasks = [f"doc2query/attempt-{a}" for a in range(2, config.doc2query.max_attempts + 1)]
+    assert list(status["passes"]) == ["ingest", "doc2query", *reasks, "bm25", "distill"]
+    assert all(p["complete"] and p["committed"] == p["shards"] for p in status["passes"].values())
+    stages = manifest["counts"]["stages"]
+    for stage in ("ingest", "bm25", "distill"):
+        assert status["passes"][stage]["kept"] == stages[stage]["out"]
+        assert status["passes"][stage]["rejected"] == stages[stage]["rejected"]
+    doc2query = [status["passes"][p] for p in ["doc2query", *reasks]]
+    assert sum(p["kept"] for p in doc2query) == stages["doc2query"]["out"]
+    assert doc2query[-1]["rejected"] == stages["doc2query"]["rejected"]
     assert status["published"]["data"] == manifest["counts"]["output_rows"]

@@ -13,10 +13,9 @@ raylet, GCS, workers, actors, Ray Data and the runtime-env agent), which the dri
 through Ray's own API (``ray._private.worker._global_node.get_session_dir_path()``) after the
 run and writes to a file for the test.
 
-Two ways in: the driver's environment (the documented way; a whole run, in the default
-suite), and the config's ``ray.runtime_env.env_vars`` (Ray hands it to the workers; Doc2Query
-alone, marked slow). The second leaks today, in two places that strict xfails name: Ray's own
-runtime-env agent log, and the manifest when the variable's name does not look like a secret's.
+The documented way in is the driver's environment (a whole run, in the default suite). The
+other, the config's ``ray.runtime_env.env_vars``, would put the key in Ray's own runtime-env
+agent log, so the config refuses it before anything starts.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ import yaml
 
 from tests.conftest import REPO, local_config_in, sample_rows, write_jsonl
 from tests.engines.conftest import Reply, ScriptedServer, answer, failure
+from tests.test_cli import rare_ray
 
 ECHO = "Please echo the key back"  # in one document: the server answers it with the key
 
@@ -183,86 +183,20 @@ def test_a_key_in_the_environment_is_nowhere_but_in_the_requests(
     assert where_is("What does it show?", [out / "data"], {})
 
 
-# Through the config's runtime_env: Ray hands the key to the workers, but its runtime-env agent
-# logs every runtime env it creates, env_vars and all, at INFO (Ray 2.60). Slow (a second run),
-# and known to leak: the xfails say where.
-RAY_LOGS_THE_RUNTIME_ENV = "runtime_env_agent.log"
-
-
-@pytest.fixture(scope="module")
-def runtime_env_run(tmp_path_factory: pytest.TempPathFactory, test_model: Path) -> dict:
-    """Doc2Query alone, with the key only in the config's runtime_env, under a name that does
-    not look like a secret's (`..._GATEWAY_KEY`; `AZURE_OPENAI_KEY` is a real one); next to it
-    an unused decoy under a name that does (`..._API_KEY`)."""
-    tmp = tmp_path_factory.mktemp("runtime-env-key")
-    key, key_env = new_key(), "RARE_RAY_TEST_GATEWAY_KEY"
-    decoy, decoy_env = new_key(), "RARE_RAY_TEST_DECOY_API_KEY"
-    with hosted_api(key) as server:
-        config = config_file(tmp, test_model, server.base_url, key_env)
-        config["ray"]["runtime_env"]["env_vars"].update({key_env: key, decoy_env: decoy})
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-        out = tmp / "out"
-        result, session = run_driver(
-            tmp,
-            "doc2query", "--config", str(tmp / "config.yaml"),
-            "--input", str(corpus(tmp)), "--output", str(out),
-            env=scrubbed_env(),  # not in the driver's environment
-        )  # fmt: skip
-    manifest_text = (out / "manifest.json").read_text()
-    return {
-        "keys": {key_env: key, decoy_env: decoy},
-        "key_env": key_env,
-        "decoy_env": decoy_env,
-        "server": server,
-        "out": out,
-        "result": result,
-        "session": session,
-        "manifest_text": manifest_text,
-        "env_vars": json.loads(manifest_text)["config"]["ray"]["runtime_env"]["env_vars"],
-    }
-
-
-@pytest.mark.slow
-def test_a_key_in_the_runtime_env_reaches_the_workers_and_no_output_or_our_logs(
-    runtime_env_run: dict,
+# Through the config's runtime_env: Ray's runtime-env agent logs every runtime env it creates,
+# env_vars and all, at INFO (Ray 2.60), so a key there would be in Ray's logs whatever we do.
+# The config refuses it before anything starts, under the engine's variable or any name that
+# looks like a secret's.
+@pytest.mark.parametrize("name", ["RARE_RAY_TEST_GATEWAY_KEY", "HF_TOKEN", "OTHER_API_KEY"])
+def test_a_key_in_the_runtime_env_is_refused_before_anything_starts(
+    tmp_path: Path, test_model: Path, name: str
 ) -> None:
-    run = runtime_env_run
-    key = run["keys"][run["key_env"]]
-    requests = run["server"].requests
-    assert requests and all(r["headers"]["Authorization"] == f"Bearer {key}" for r in requests)
-    out = run["out"]
-    assert pq.read_table(out / "rejects").num_rows == 1  # the echo
-    texts = {"stdout": run["result"].stdout, "stderr": run["result"].stderr}
-    roots = [p for p in out.iterdir() if p.name != "manifest.json"]
-    roots += [p for p in run["session"].iterdir() if p.name != "logs"]
-    roots += [p for p in (run["session"] / "logs").iterdir() if p.name != RAY_LOGS_THE_RUNTIME_ENV]
-    for secret in run["keys"].values():
-        assert where_is(secret, roots, texts) == []
-    # A name that looks like a secret's is redacted in the manifest.
-    assert run["env_vars"][run["decoy_env"]] == "<redacted>"
-    assert run["keys"][run["decoy_env"]] not in run["manifest_text"]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the manifest redacts by key name only: the value of the variable that "
-    "engine.api_key_env names is kept when its name does not look like a secret's",
-)
-def test_the_key_in_the_runtime_env_is_redacted_in_the_manifest(runtime_env_run: dict) -> None:
-    run = runtime_env_run
-    assert run["key_env"] in run["env_vars"]  # the variable is listed, its value is not
-    assert run["keys"][run["key_env"]] not in run["manifest_text"]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ray's runtime-env agent logs runtime envs, env_vars included, in plain text: "
-    "a key must not be accepted in ray.runtime_env.env_vars",
-)
-def test_the_key_in_the_runtime_env_is_not_in_rays_runtime_env_log(runtime_env_run: dict) -> None:
-    log = runtime_env_run["session"] / "logs" / RAY_LOGS_THE_RUNTIME_ENV
-    assert log.is_file()
-    for secret in runtime_env_run["keys"].values():
-        assert where_is(secret, [log], {}) == []
+    key = new_key()
+    config = config_file(tmp_path, test_model, "http://127.0.0.1:9", "RARE_RAY_TEST_GATEWAY_KEY")
+    config["ray"]["runtime_env"]["env_vars"][name] = key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = rare_ray("run", "--config", str(tmp_path / "config.yaml"))
+    assert result.returncode == 2
+    assert f"ray.runtime_env.env_vars holds {name}" in result.stderr
+    assert "Traceback" not in result.stderr and key not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ GENERATED_TEXT = "_generated_text"
 GENERATED_TOKENS = "_generated_tokens"
 INFERENCE_ERROR = "_inference_error"
 TRUNCATED = "_truncated"
+PROMPT_TOKENS = "tokenized_prompt"  # what ray.data.llm's engine stage takes as the prompt
 
 
 @lru_cache(maxsize=4)
@@ -56,15 +57,23 @@ class TokenBudget:
 
 
 def _render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
-    messages, sampling, truncated = [], [], []
+    """Each row's request, ready for the engine: the prompt as token ids, sampling parameters.
+
+    The chat template and the tokenizer run here, next to the renderer that already holds the
+    tokenizer, instead of in two more actor stages of ``ray.data.llm`` (and the prompt is
+    tokenized as vLLM's own chat API does it, without adding special tokens twice).
+    """
+    tokenizer = load_tokenizer(model)
+    prompts, sampling, truncated = [], [], []
     for row in batch.to_pylist():
         fit = TokenBudget(model)
-        m, s = render(row, fit)
-        messages.append(m)
-        sampling.append(s)
+        messages, params = render(row, fit)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+        sampling.append(params)
         truncated.append(fit.truncated)
     return (
-        batch.append_column("messages", pa.array(messages))
+        batch.append_column(PROMPT_TOKENS, pa.array(prompts, pa.list_(pa.int32())))
         .append_column("sampling_params", pa.array(sampling))
         .append_column(TRUNCATED, pa.array(truncated, pa.int32()))
     )
@@ -118,6 +127,11 @@ def processor_config(engine: VLLMEngineConfig) -> Any:
         should_continue_on_error=True,
         # Engine metrics need ray[serve]; the manifest records what we need.
         log_engine_metrics=False,
+        # _render_batch applies the chat template and tokenizes; vLLM detokenizes its output
+        # itself. Three more actor stages would only repeat that work on the engine's CPUs.
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
         **extra,
     )
 
@@ -133,6 +147,12 @@ def generate(ds: ray.data.Dataset, engine: EngineConfig, render: Render) -> ray.
 
     keep = ds.schema().base_schema
     processor = build_processor(processor_config(engine))
+    # ray.data.llm leaves engine actors to Ray Data's defaults: restarted forever, their
+    # batches retried forever, so an engine that dies on every request loops. Bound both.
+    engine_stage = processor.get_stage_by_name("vLLMEngineStage")
+    engine_stage.map_batches_kwargs.update(
+        max_restarts=engine.max_restarts, max_task_retries=engine.max_restarts
+    )
     # Blocks of one engine batch each: Ray Data then keeps max_concurrent_batches of them in
     # flight per engine. One big block would reach the engine a batch at a time.
     prompts = ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(

@@ -13,10 +13,14 @@ _SECRET = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password|credentials?)$
 REDACTED = "<redacted>"
 
 
+def looks_secret(name: str) -> bool:
+    return bool(_SECRET.search(name))
+
+
 def redact(value: Any) -> Any:
     """A copy of a config tree with every secret-looking key's value replaced."""
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET.search(str(k)) else redact(v) for k, v in value.items()}
+        return {k: REDACTED if looks_secret(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -78,6 +78,15 @@ def list_input_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
+def input_listing(path: str) -> list[dict[str, Any]]:
+    """The corpus files with their sizes and modification times: what identifies an input
+    without reading it (a rerun refuses to resume over an input that changed)."""
+    fs, files = list_input_files(path)
+    return [
+        {"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns} for i in fs.get_file_info(files)
+    ]
+
+
 def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> None:
     """Fail fast, in the driver, on an input that no row of which could be used."""
     fs, files = list_input_files(path)

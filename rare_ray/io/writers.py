@@ -2,8 +2,8 @@
 
 Layout of ``DIR``::
 
-    _stages/<stage>/      every row a stage produced, kept and rejected, as Parquet;
-                          the next stage reads the kept rows from here
+    _stages/              every row each stage produced, kept and rejected, in committed
+                          shards (see ``rare_ray.io.checkpoints``); the next stage reads from here
     data/split=train/     the final rows (hive-partitioned Parquet)
     data/split=validation/
     rejects/stage=<stage>/  every input row that did not make it, with the reason
@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,9 +30,17 @@ import pyarrow.parquet as pq
 import ray.data
 
 from rare_ray.config import ALL_STAGES
-from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, SPLIT, counter_columns, kept, rejected
-
-SUCCESS = "_SUCCESS"
+from rare_ray.io.checkpoints import INGEST, Checkpoints
+from rare_ray.rows import (
+    ID,
+    LINE,
+    REJECT_REASON,
+    SHARD,
+    SOURCE,
+    SPLIT,
+    counter_columns,
+    kept,
+)
 
 # The columns of rejects/ files; `stage` is in the hive path (rejects/stage=<stage>/).
 REJECT_SCHEMA = pa.schema(
@@ -64,7 +72,7 @@ def split_of(row_id: str, validation_fraction: float) -> str:
 
 
 def _publishable(batch: pa.Table, validation_fraction: float) -> pa.Table:
-    drop = [REJECT_REASON, SOURCE, LINE, *counter_columns(batch.schema)]
+    drop = [REJECT_REASON, SOURCE, LINE, SHARD, *counter_columns(batch.schema)]
     out = batch.drop_columns([c for c in drop if c in batch.column_names])
     splits = [split_of(i, validation_fraction) for i in batch[ID].to_pylist()]
     return out.append_column(SPLIT, pa.array(splits, pa.string()))
@@ -74,12 +82,10 @@ class OutputDir:
     def __init__(self, uri: str):
         self.uri = uri
         self.fs, self.root = _filesystem(uri)
+        self.checkpoints = Checkpoints(self.fs, self.root)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
-
-    def stage_path(self, stage: str) -> str:
-        return self.path("_stages", stage)
 
     def check_writable(self) -> None:
         probe = self.path(".rare-ray-write-probe")
@@ -91,68 +97,42 @@ class OutputDir:
         except OSError as e:
             raise OutputError(f"output directory {self.uri!r} is not writable: {e}") from e
 
-    # Stage checkpoints ------------------------------------------------------------------
-
-    def write_stage(self, stage: str, ds: ray.data.Dataset) -> None:
-        path = self.stage_path(stage)
-        self._delete(path)
-        ds.write_parquet(path, filesystem=self.fs)
-        self.fs.create_dir(path, recursive=True)  # a stage with no rows still gets its dir
-        with self.fs.open_output_stream(self.path("_stages", stage, SUCCESS)) as f:
-            f.write(b"")
-
-    def read_stage(
-        self, stage: str, rows: Literal["kept", "rejected", "all"] = "kept"
-    ) -> ray.data.Dataset:
-        ds = ray.data.read_parquet(self.stage_path(stage), filesystem=self.fs)
-        if rows == "all":
-            return ds
-        return ds.map_batches(kept if rows == "kept" else rejected, batch_format="pyarrow")
-
-    def _stage_dataset(self, stage: str) -> pads.Dataset:
-        return pads.dataset(
-            self.stage_path(stage), filesystem=self.fs, format="parquet",
-            exclude_invalid_files=True,
-        )  # fmt: skip
-
-    def stage_counts(self, stage: str) -> dict[str, int]:
-        """Rows written by a stage: kept, rejected, and the sums of its counters."""
-        data = self._stage_dataset(stage)
-        if not data.files:
-            return {"out": 0, "rejected": 0}
-        counts = {
-            "out": data.count_rows(filter=pc.field(REJECT_REASON).is_null()),
-            "rejected": data.count_rows(filter=pc.field(REJECT_REASON).is_valid()),
-        }
-        counters = counter_columns(data.schema)
-        if counters:
-            totals = data.to_table(columns=counters)
-            prefix = f"_{stage}_"
-            for name in counters:
-                key = name.removeprefix(prefix) if name.startswith(prefix) else name.lstrip("_")
-                counts[key] = int(pc.sum(totals[name]).as_py() or 0)
-        return counts
+    def clear(self) -> None:
+        """Deletes what an earlier run wrote (``--fresh``)."""
+        for name in ("_stages", "data", "data.partial", "rejects", "rejects.partial"):
+            self._delete(self.path(name))
+        manifest = self.path("manifest.json")
+        if self.fs.get_file_info(manifest).type == pafs.FileType.File:
+            self.fs.delete_file(manifest)
 
     # Publishing ---------------------------------------------------------------------------
 
-    def publish_data(self, stage: str, validation_fraction: float) -> None:
+    def publish_data(self, files: Sequence[str], validation_fraction: float) -> None:
+        """The kept rows of ``files`` (the last stage's) into ``data/split=.../``."""
         staging = self.path("data.partial")
         self._delete(staging)
-        ds = self.read_stage(stage, "kept").map_batches(
-            functools.partial(_publishable, validation_fraction=validation_fraction),
-            batch_format="pyarrow",
-        )
-        ds.write_parquet(staging, filesystem=self.fs, partition_cols=[SPLIT])
+        if files:
+            ds = ray.data.read_parquet(list(files), filesystem=self.fs).map_batches(
+                kept, batch_format="pyarrow"
+            )
+            ds.map_batches(
+                functools.partial(_publishable, validation_fraction=validation_fraction),
+                batch_format="pyarrow",
+            ).write_parquet(staging, filesystem=self.fs, partition_cols=[SPLIT])
+        self.fs.create_dir(staging, recursive=True)
         self._swap(staging, self.path("data"))
 
-    def publish_rejects(self, text_keys: Mapping[str, str]) -> None:
-        """Collect every stage's rejected rows into ``rejects/stage=<stage>/``."""
+    def publish_rejects(self, stages: Iterable[tuple[str, Sequence[str], str]]) -> None:
+        """Every stage's final rejects into ``rejects/stage=<stage>/``.
+
+        ``stages``: (stage, files holding its final rejected rows, the column with its text).
+        """
         staging = self.path("rejects.partial")
         self._delete(staging)
-        for stage, text_key in text_keys.items():
-            data = self._stage_dataset(stage)
-            if not data.files:
+        for stage, files, text_key in stages:
+            if not files:
                 continue
+            data = pads.dataset(list(files), filesystem=self.fs, format="parquet")
             attempts = f"{stage}_attempts"
             columns = {
                 ID: pc.field(ID),
@@ -193,26 +173,61 @@ class OutputDir:
             if writer is not None:
                 writer.close()
 
-    def status(self) -> dict[str, Any]:
-        """What a (possibly unfinished) run has written: each stage, complete or not, and counts."""
-        stages: dict[str, Any] = {}
-        listing = self.fs.get_file_info(
-            pafs.FileSelector(self.path("_stages"), allow_not_found=True)
-        )
-        rank = {name: n for n, name in enumerate(["ingest", *ALL_STAGES])}
-        for info in sorted(listing, key=lambda i: (rank.get(i.base_name, len(rank)), i.base_name)):
-            if info.type != pafs.FileType.Directory:
+    def counter_totals(
+        self, stage: str, kept_files: Sequence[str], rejected_files: Sequence[str]
+    ) -> dict[str, int]:
+        """Sums of a stage's counter columns over its final rows (kept, and finally rejected)."""
+        totals: dict[str, int] = {}
+        prefix = f"_{stage}_"
+        for files, rows in ((kept_files, pc.field(REJECT_REASON).is_null()),
+                            (rejected_files, pc.field(REJECT_REASON).is_valid())):  # fmt: skip
+            if not files:
                 continue
-            done = self.fs.get_file_info(self.path("_stages", info.base_name, SUCCESS))
-            complete = done.type == pafs.FileType.File
-            stages[info.base_name] = {
-                "complete": complete,
-                **(self.stage_counts(info.base_name) if complete else {}),
+            data = pads.dataset(list(files), filesystem=self.fs, format="parquet")
+            counters = counter_columns(data.schema)
+            if not counters:
+                continue
+            table = data.to_table(columns=counters, filter=rows)
+            for name in counters:
+                key = name.removeprefix(prefix) if name.startswith(prefix) else name.lstrip("_")
+                totals[key] = totals.get(key, 0) + int(pc.sum(table[name]).as_py() or 0)
+        return totals
+
+    def status(self) -> dict[str, Any]:
+        """What a (possibly unfinished) run has written: each pass, its shards and counts."""
+        ckpt = self.checkpoints
+        ingest = ckpt.pass_of(INGEST)
+        shards = ingest.committed()
+        passes: dict[str, Any] = {}
+        if ingest.complete():
+            passes[INGEST] = {
+                "complete": True,
+                "shards": len(shards),
+                "committed": len(shards),
+                "kept": sum(s.kept for s in shards.values()),
+                "rejected": sum(s.rejected for s in shards.values()),
             }
+        rank: dict[str, int] = {name: n for n, name in enumerate(ALL_STAGES)}
+        for stage in sorted(set(ckpt.stages()) - {INGEST}, key=lambda s: (rank.get(s, 99), s)):
+            attempt = 1
+            while True:
+                step = ckpt.pass_of(stage, attempt)
+                if self.fs.get_file_info(step.path).type == pafs.FileType.NotFound:
+                    break
+                done = step.committed()
+                name = stage if attempt == 1 else f"{stage}/attempt-{attempt}"
+                passes[name] = {
+                    "complete": step.complete(),
+                    "shards": len(shards),
+                    "committed": len(done),
+                    "kept": sum(s.kept for s in done.values()),
+                    "rejected": sum(s.rejected for s in done.values()),
+                }
+                attempt += 1
         has_manifest = self.fs.get_file_info(self.path("manifest.json")).type
         return {
             "output": self.uri,
-            "stages": stages,
+            "passes": passes,
             "published": {"data": self.count_rows("data"), "rejects": self.count_rows("rejects")},
             "finished": has_manifest == pafs.FileType.File,
         }

@@ -41,6 +41,16 @@ class Operator(ABC):
     def run(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         """Every row of ``ds`` with this operator's columns, failures marked for rejects."""
 
+    @property
+    def attempts(self) -> int:
+        """Passes over the rows: an operator that asks again makes one more pass over the rows
+        that failed the pass before, up to this many. The pipeline checkpoints each pass."""
+        return 1
+
+    def run_pass(self, ds: ray.data.Dataset, attempt: int) -> ray.data.Dataset:
+        """One pass: ``ds`` is the input (attempt 1) or the rows the pass before rejected."""
+        return self.run(ds)
+
     def counter(self, name: str) -> str:
         return f"_{self.name}_{name}"
 

@@ -205,6 +205,8 @@ class BM25HardNeg(Operator):
             compute=ray.data.ActorPoolStrategy(size=plan.total),
             num_cpus=cfg.cpus_per_searcher,
             ray_remote_args_fn=_spread_over_nodes,
+            max_restarts=cfg.max_restarts,
+            max_task_retries=cfg.max_restarts,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
         )

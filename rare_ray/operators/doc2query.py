@@ -2,8 +2,8 @@
 
 The answer is constrained to a JSON schema (vLLM structured outputs), then parsed strictly.
 Rows whose answer is still unusable (cut off at ``max_tokens``, empty fields, engine errors)
-are asked again together, up to ``max_attempts`` asks in all; after that they are rejected
-with the last reason, never passed on with empty strings.
+are asked again together, in a pass of their own, up to ``max_attempts`` asks in all; after
+that they are rejected with the last reason, never passed on with empty strings.
 """
 
 from __future__ import annotations
@@ -154,19 +154,34 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
             reasons,
         )
 
+    @property
+    def attempts(self) -> int:
+        return self.config.max_attempts
+
+    def run_pass(self, ds: ray.data.Dataset, attempt: int) -> ray.data.Dataset:
+        """One ask per row of ``ds`` (for ``attempt`` > 1, the rows whose answer failed)."""
+        ours = {f.name for f in self.output_fields}
+        columns = [
+            c
+            for c in ds.columns()
+            if c != REJECT_REASON and c not in ours and not c.startswith("_")
+        ]
+        return generate(
+            ds.select_columns(columns), self.engine, functools.partial(self.render, attempt=attempt)
+        ).map_batches(functools.partial(self.parse, attempt=attempt), batch_format="pyarrow")
+
     def run(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        columns = [c for c in ds.columns() if c != REJECT_REASON and not c.startswith("_")]
-        pending, done = ds.select_columns(columns), []
-        for attempt in range(1, self.config.max_attempts + 1):
-            answered = generate(
-                pending, self.engine, functools.partial(self.render, attempt=attempt)
-            ).map_batches(functools.partial(self.parse, attempt=attempt), batch_format="pyarrow")
+        """Every attempt in memory, asking again for the rows that failed (all rows come back).
+
+        The pipeline runs the attempts as checkpointed passes instead (``run_pass``).
+        """
+        pending, done = ds, []
+        for attempt in range(1, self.attempts + 1):
             # Materialized so that the good rows and the ones to re-ask come from one run.
-            answered = answered.materialize()
+            answered = self.run_pass(pending, attempt).materialize()
             done.append(answered.map_batches(kept, batch_format="pyarrow"))
-            failed = answered.map_batches(rejected, batch_format="pyarrow")
-            if attempt == self.config.max_attempts or failed.count() == 0:
-                done.append(failed)
+            pending = answered.map_batches(rejected, batch_format="pyarrow")
+            if attempt == self.attempts or pending.count() == 0:
+                done.append(pending)
                 break
-            pending = failed.select_columns(columns)
-        return done[0].union(*done[1:]) if len(done) > 1 else done[0]
+        return done[0].union(*done[1:])

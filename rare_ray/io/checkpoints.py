@@ -1,0 +1,348 @@
+"""Stage checkpoints: every stage's rows in shards, each committed once its files are durable.
+
+Layout of ``DIR/_stages/``::
+
+    ingest/part-*.parquet                   the corpus as read, bad rows with their reason
+    ingest/_SUCCESS                         the shards: which ingest files make each one
+    <stage>/_SETTINGS.json                  what the stage's output depends on
+    <stage>/shard-00007/part-<hash>.parquet rows of shard 7, kept and rejected
+    <stage>/shard-00007/_SUCCESS            the shard's files and counts, written last
+    <stage>/attempt-2/shard-00007/...       a re-ask pass over the rows that failed before
+    <stage>/_SUCCESS                        every shard of the pass, with its counts
+
+Shards are cut once, at ingest: consecutive ingest files of up to ``shard_rows`` kept rows
+make a shard, and a row keeps its shard number (column ``shard``) through every stage. Each
+stage streams its rows into part files named by a hash of the ids they hold, and the driver
+commits a shard as soon as all the rows it expects have been written (on a local disk, the
+files are fsync'ed first). Only the files a shard's ``_SUCCESS`` lists are ever read, so a part
+left by a killed run, or by a task that Ray retried, is never read twice; a rerun clears the
+shards that were not committed and redoes just those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rare_ray.rows import ID, REJECT_REASON, SHARD
+
+SUCCESS = "_SUCCESS"
+SETTINGS = "_SETTINGS.json"
+
+
+class ResumeError(RuntimeError):
+    """The output directory holds a run that this one cannot continue."""
+
+
+@dataclass
+class Shard:
+    """A committed shard of one pass: its part files (relative to the pass) and row counts."""
+
+    files: list[str] = field(default_factory=list)
+    kept: int = 0
+    rejected: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.kept + self.rejected
+
+
+def shard_dir(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
+    """Writes ``value`` so that a reader sees the whole file or none of it."""
+    data = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:  # object stores publish an object whole
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def write_parts(batch: pa.Table, directory: str, fs: pafs.FileSystem) -> pa.Table:
+    """Writes ``batch`` into its shards' directories; returns one row per file written.
+
+    Runs in Ray tasks, fused with the stage's last step, so rows never travel to be written.
+    """
+    written: dict[str, list[Any]] = {SHARD: [], "file": [], "kept": [], "rejected": []}
+    if batch.num_rows == 0:
+        return pa.table(written, schema=PART_SCHEMA)
+    shards = batch[SHARD]
+    for shard in pc.unique(shards).to_pylist():
+        part = batch.filter(pc.equal(shards, shard))
+        digest = hashlib.sha1("\n".join(part[ID].to_pylist()).encode("utf-8")).hexdigest()[:20]
+        name = f"{shard_dir(shard)}/part-{digest}.parquet"
+        _write_durably(part, f"{directory}/{name}", fs)
+        rejected = int(pc.sum(pc.is_valid(part[REJECT_REASON])).as_py() or 0)
+        written[SHARD].append(shard)
+        written["file"].append(name)
+        written["kept"].append(part.num_rows - rejected)
+        written["rejected"].append(rejected)
+    return pa.table(written, schema=PART_SCHEMA)
+
+
+PART_SCHEMA = pa.schema(
+    [(SHARD, pa.int32()), ("file", pa.string()), ("kept", pa.int64()), ("rejected", pa.int64())]
+)
+
+
+def _write_durably(table: pa.Table, path: str, fs: pafs.FileSystem) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs)
+
+
+class Pass:
+    """One pass of a stage over its shards (a stage has one, Doc2Query one per attempt)."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        self.fs, self.path = fs, path
+
+    def _shards_from(self, record: Mapping[str, Any]) -> dict[int, Shard]:
+        return {int(k): Shard(**v) for k, v in record["shards"].items()}
+
+    def committed(self) -> dict[int, Shard]:
+        """The shards whose files are all written, by shard number."""
+        done = read_json(self.fs, f"{self.path}/{SUCCESS}")
+        if done is not None:
+            return self._shards_from(done)
+        shards: dict[int, Shard] = {}
+        for info in self._shard_dirs():
+            record = read_json(self.fs, f"{info.path}/{SUCCESS}")
+            if record is not None:
+                shards[int(info.base_name.removeprefix("shard-"))] = Shard(**record)
+        return shards
+
+    def complete(self) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{SUCCESS}").type == pafs.FileType.File
+
+    def _shard_dirs(self) -> Iterator[pafs.FileInfo]:
+        listing = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        for info in listing:
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("shard-"):
+                yield info
+
+    def clear_uncommitted(self) -> int:
+        """Deletes the directories of shards that were never committed; returns how many."""
+        cleared = 0
+        for info in self._shard_dirs():
+            if self.fs.get_file_info(f"{info.path}/{SUCCESS}").type != pafs.FileType.File:
+                self.fs.delete_dir(info.path)
+                cleared += 1
+        return cleared
+
+    def commit_shard(self, shard: int, record: Shard) -> None:
+        directory = f"{self.path}/{shard_dir(shard)}"
+        self.fs.create_dir(directory, recursive=True)
+        write_json(self.fs, f"{directory}/{SUCCESS}", asdict(record))
+
+    def commit(self, shards: Mapping[int, Shard]) -> None:
+        """Marks the pass complete; its record lists every shard, so readers need no listing."""
+        self.fs.create_dir(self.path, recursive=True)
+        record = {"shards": {str(k): asdict(v) for k, v in sorted(shards.items())}}
+        write_json(self.fs, f"{self.path}/{SUCCESS}", record)
+
+    def files(
+        self, shards: Iterable[int], committed: Mapping[int, Shard] | None = None
+    ) -> list[str]:
+        committed = self.committed() if committed is None else committed
+        return [f"{self.path}/{f}" for k in shards for f in committed[k].files]
+
+
+class ShardCommitter:
+    """Counts the rows written per shard, and commits each shard once it has all of its rows."""
+
+    def __init__(self, step: Pass, expected: Mapping[int, int]):
+        self.step = step
+        self.expected = dict(expected)
+        self.written: dict[int, Shard] = {k: Shard() for k in expected}
+        self.committed: set[int] = set()
+        for k, n in self.expected.items():
+            if n == 0:
+                self._commit(k)
+
+    def add(self, parts: pa.Table) -> None:
+        for shard, name, kept, rejected in zip(
+            *(parts[c].to_pylist() for c in PART_SCHEMA.names), strict=True
+        ):
+            record = self.written[shard]
+            record.files.append(name)
+            record.kept += kept
+            record.rejected += rejected
+            if record.rows > self.expected[shard]:
+                raise ResumeError(
+                    f"{self.step.path}/{shard_dir(shard)}: {record.rows} rows written, but the "
+                    f"shard has {self.expected[shard]}: a row was written twice"
+                )
+            if record.rows == self.expected[shard]:
+                self._commit(shard)
+
+    def _commit(self, shard: int) -> None:
+        self.step.commit_shard(shard, self.written[shard])
+        self.committed.add(shard)
+
+    def short(self) -> dict[int, int]:
+        """Shards still missing rows, and how many each misses."""
+        return {
+            k: self.expected[k] - self.written[k].rows
+            for k in self.expected
+            if k not in self.committed
+        }
+
+    def complete_with(self, shard: int, name: str, kept: int, rejected: int) -> None:
+        self.add(
+            pa.table(
+                {SHARD: [shard], "file": [name], "kept": [kept], "rejected": [rejected]},
+                schema=PART_SCHEMA,
+            )
+        )
+
+
+def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two settings trees, one line each."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            lines += settings_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return lines
+    if old != new:
+        return [f"{prefix.rstrip('.')}: {json.dumps(old)} -> {json.dumps(new)}"]
+    return []
+
+
+def fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+class Checkpoints:
+    """The ``_stages`` tree of an output directory: ingest, then each stage's passes."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str):
+        self.fs, self.root = fs, f"{root.rstrip('/')}/_stages"
+
+    def stage_path(self, stage: str) -> str:
+        return f"{self.root}/{stage}"
+
+    def pass_of(self, stage: str, attempt: int = 1) -> Pass:
+        path = self.stage_path(stage)
+        return Pass(self.fs, path if attempt == 1 else f"{path}/attempt-{attempt}")
+
+    def passes(self, stage: str, attempts: int) -> list[Pass]:
+        return [self.pass_of(stage, a) for a in range(1, attempts + 1)]
+
+    def stages(self) -> list[str]:
+        listing = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return [i.base_name for i in listing if i.type == pafs.FileType.Directory]
+
+    # What each stage's output depends on ----------------------------------------------------
+
+    def check_settings(self, settings: Mapping[str, Mapping[str, Any]]) -> None:
+        """Refuses to continue stages that an earlier run made with other settings.
+
+        ``settings`` maps each stage of this run to what its output depends on, upstream
+        stages included; stages with no record yet get one.
+        """
+        for stage, wanted in settings.items():
+            path = f"{self.stage_path(stage)}/{SETTINGS}"
+            found = read_json(self.fs, path)
+            if found is None:
+                continue
+            if found["fingerprint"] != fingerprint(wanted):
+                changes = settings_diff(found["settings"], wanted)
+                raise ResumeError(
+                    f"{self.root} holds the stage {stage!r} of an earlier run with other "
+                    f"settings, so its rows cannot be reused:\n  "
+                    + "\n  ".join(changes or ["(an upstream stage changed)"])
+                    + "\nRun with --fresh to discard it and start over, or write to another "
+                    "output directory."
+                )
+
+    def record_settings(self, stage: str, settings: Mapping[str, Any]) -> None:
+        self.fs.create_dir(self.stage_path(stage), recursive=True)
+        path = f"{self.stage_path(stage)}/{SETTINGS}"
+        if read_json(self.fs, path) is None:
+            write_json(self.fs, path, {"fingerprint": fingerprint(settings), "settings": settings})
+
+    # Rows -----------------------------------------------------------------------------------
+
+    def kept_files(self, stage: str, attempts: int, shards: Iterable[int]) -> list[str]:
+        """Files holding the kept rows of ``shards`` (each kept row is in exactly one pass)."""
+        wanted = list(shards)
+        return [f for p in self.passes(stage, attempts) for f in p.files(wanted)]
+
+    def expected_kept(self, stage: str, attempts: int) -> dict[int, int]:
+        """Kept rows per shard, over every pass of a complete stage."""
+        totals: dict[int, int] = {}
+        for p in self.passes(stage, attempts):
+            for k, shard in p.committed().items():
+                totals[k] = totals.get(k, 0) + shard.kept
+        return totals
+
+    def counts(self, stage: str, attempts: int) -> dict[str, int]:
+        """Rows into a stage, kept and finally rejected (by its last pass), from its records."""
+        passes = [p.committed() for p in self.passes(stage, attempts)]
+        kept = sum(s.kept for shards in passes for s in shards.values())
+        rejected = sum(s.rejected for s in passes[-1].values())
+        return {"in": kept + rejected, "out": kept, "rejected": rejected}
+
+    # Ingest: the corpus as read, cut into the shards every later stage keeps ----------------
+
+    def write_ingest(self, ds: Any, shard_rows: int) -> dict[int, Shard]:
+        """Writes the ingested corpus (a Ray Dataset) and cuts it into shards."""
+        ingest = self.pass_of(INGEST)
+        if self.fs.get_file_info(ingest.path).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(ingest.path)
+        ds.write_parquet(ingest.path, filesystem=self.fs)
+        self.fs.create_dir(ingest.path, recursive=True)  # no rows still makes the directory
+        listing = self.fs.get_file_info(pafs.FileSelector(ingest.path))
+        names = sorted(i.base_name for i in listing if i.base_name.endswith(".parquet"))
+        shards: dict[int, Shard] = {}
+        current = Shard()
+        for name in names:
+            reasons = pq.read_table(
+                f"{ingest.path}/{name}", columns=[REJECT_REASON], filesystem=self.fs
+            )[REJECT_REASON]
+            rejected = int(pc.sum(pc.is_valid(reasons)).as_py() or 0)
+            if current.files and current.kept + len(reasons) - rejected > shard_rows:
+                shards[len(shards)] = current
+                current = Shard()
+            current.files.append(name)
+            current.kept += len(reasons) - rejected
+            current.rejected += rejected
+        if current.files or not shards:
+            shards[len(shards)] = current
+        ingest.commit(shards)
+        return shards
+
+
+INGEST = "ingest"

@@ -1,0 +1,183 @@
+"""Runs one pass of a stage over the shards it has not committed yet.
+
+The rows stream from the operator into part files (written by the Ray tasks that made them);
+the driver commits each shard as soon as all of its rows are on disk. When Ray gives up on a
+batch (an engine or searcher that kept dying, past its restarts and retries), Ray Data drops it,
+up to ``checkpoint.max_failed_batches`` of them; the rows it held are then written to the shard
+as rejects with the error, so the stage goes on and no row is lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from rare_ray.io.checkpoints import Pass, ShardCommitter, write_parts
+from rare_ray.operators import Operator
+from rare_ray.rows import ID, REJECT_REASON, SHARD
+
+Rows = Literal["kept", "rejected"]
+
+
+class StageError(RuntimeError):
+    """A stage stopped; the shards it committed stay, and a rerun resumes after them."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a pass reads its rows: the kept rows of the stage before, or the rows the pass
+    before rejected. Ingest files carry no shard column: their shard is their file's."""
+
+    passes: tuple[Pass, ...]
+    rows: Rows
+    from_ingest: bool = False
+
+    def expected(self) -> dict[int, int]:
+        """Rows per shard this source holds (from the commit records, not the files)."""
+        totals: dict[int, int] = {}
+        for p in self.passes:
+            for k, shard in p.committed().items():
+                totals[k] = totals.get(k, 0) + (
+                    shard.kept if self.rows == "kept" else shard.rejected
+                )
+        return totals
+
+    def _files(self, shards: Iterable[int]) -> dict[str, int]:
+        wanted = set(shards)
+        files = {}
+        for p in self.passes:
+            for k, shard in p.committed().items():
+                if k in wanted:
+                    files.update({f"{p.path}/{name}": k for name in shard.files})
+        return files
+
+    def read(self, shards: Iterable[int]) -> ray.data.Dataset:
+        files = self._files(shards)
+        fs = self.passes[0].fs
+        ds = ray.data.read_parquet(list(files), filesystem=fs, include_paths=self.from_ingest)
+        by_name = {PurePosixPath(f).name: k for f, k in files.items()}
+        return ds.map_batches(
+            functools.partial(
+                _select, rows=self.rows, shard_of=by_name if self.from_ingest else None
+            ),
+            batch_format="pyarrow",
+        )
+
+    def read_local(self, shard: int) -> pa.Table:
+        """The shard's rows, read here (a shard is small): to find rows a failed batch held."""
+        fs = self.passes[0].fs
+        tables = [_select(pq.read_table(f, filesystem=fs), self.rows) for f in self._files([shard])]
+        rows = pa.concat_tables(tables, promote_options="permissive")
+        if self.from_ingest:
+            rows = rows.append_column(SHARD, pa.array([shard] * rows.num_rows, pa.int32()))
+        return rows
+
+
+def _select(batch: pa.Table, rows: Rows, shard_of: dict[str, int] | None = None) -> pa.Table:
+    """The kept or the rejected rows of ``batch``; ``shard_of`` names the shard of each file."""
+    is_kept = pc.is_null(batch[REJECT_REASON])
+    batch = batch.filter(is_kept if rows == "kept" else pc.invert(is_kept))
+    if shard_of is not None:
+        shards = [shard_of[PurePosixPath(p).name] for p in batch["path"].to_pylist()]
+        batch = batch.drop_columns(["path"]).append_column(SHARD, pa.array(shards, pa.int32()))
+    return batch
+
+
+def run_pass(
+    step: Pass,
+    source: Source,
+    process: Callable[[ray.data.Dataset], ray.data.Dataset],
+    op: Operator,
+    max_failed_batches: int,
+) -> dict[str, int]:
+    """Runs ``process`` over the shards ``step`` has not committed; commits the pass.
+
+    Returns what it did: shards skipped (committed earlier) and run, the rows run, and the
+    rows rejected because their batch failed.
+    """
+    step.clear_uncommitted()
+    done = step.committed()
+    pending = {k: n for k, n in source.expected().items() if k not in done}
+    committer = ShardCommitter(step, pending)
+    todo = sorted(k for k, n in pending.items() if n > 0)
+    failed_rows = 0
+    if todo:
+        written = process(source.read(todo)).map_batches(
+            functools.partial(write_parts, directory=step.path, fs=step.fs),
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+        written.context.max_errored_blocks = max_failed_batches
+        with _failed_batches() as errors:
+            try:
+                for parts in written.iter_batches(batch_format="pyarrow", batch_size=None):
+                    committer.add(parts)
+            except Exception as e:
+                first_line = (str(e).strip().splitlines() or [""])[0][:500]
+                raise StageError(
+                    f"stage {op.name} stopped: {type(e).__name__}: {first_line}\n"
+                    f"{len(committer.committed)} of {len(pending)} shards were committed; rerun "
+                    "the same command to resume from there."
+                ) from e
+        reason = f"{op.name}: the batch holding this row failed after its retries" + (
+            f" ({errors[-1]})" if errors else ""
+        )
+        for shard in committer.short():
+            failed_rows += _reject_unwritten(step, source, shard, committer, op, reason)
+    if committer.short():
+        raise StageError(f"stage {op.name}: rows missing from shards {committer.short()}")
+    step.commit({**done, **committer.written})
+    return {
+        "skipped": len(done),
+        "run": len(pending),
+        "rows": sum(pending.values()),
+        "failed_rows": failed_rows,
+    }
+
+
+def _reject_unwritten(
+    step: Pass, source: Source, shard: int, committer: ShardCommitter, op: Operator, reason: str
+) -> int:
+    """Writes the rows of ``shard`` that no part holds as rejects with ``reason``."""
+    rows = source.read_local(shard)
+    written = [f"{step.path}/{name}" for name in committer.written[shard].files]
+    ids = pa.concat_arrays(
+        [pq.read_table(f, columns=[ID], filesystem=step.fs)[ID].combine_chunks() for f in written]
+    ) if written else pa.array([], pa.string())  # fmt: skip
+    missing = rows.filter(pc.invert(pc.is_in(rows[ID], value_set=ids)))
+    n = missing.num_rows
+    table = op.with_outputs(missing, {f.name: [None] * n for f in op.output_fields}, [reason] * n)
+    committer.add(write_parts(table, step.path, step.fs))
+    return n
+
+
+@contextmanager
+def _failed_batches() -> Iterator[list[str]]:
+    """Collects the errors of the batches Ray Data gives up on (``max_errored_blocks``)."""
+    errors: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                e = record.exc_info[1]
+                errors.append(
+                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}"
+                )
+
+    handler = Collect(level=logging.ERROR)
+    logger = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    logger.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        logger.removeHandler(handler)

@@ -1,0 +1,99 @@
+"""Shard commits and the settings a rerun must match, on real files (no Ray needed)."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from rare_ray.config import RunConfig
+from rare_ray.io.checkpoints import (
+    Checkpoints,
+    Pass,
+    ResumeError,
+    ShardCommitter,
+    settings_diff,
+    write_parts,
+)
+from rare_ray.io.writers import OutputDir
+
+
+def _rows(ids, shard, reasons=None):
+    return pa.table(
+        {
+            "id": ids,
+            "shard": pa.array([shard] * len(ids), pa.int32()),
+            "reject_reason": pa.array(reasons or [None] * len(ids), pa.string()),
+        }
+    )
+
+
+def test_parts_are_named_by_their_ids_and_a_rewrite_replaces_them(tmp_path):
+    fs = pafs.LocalFileSystem()
+    batch = pa.concat_tables([_rows(["a", "b"], 0), _rows(["c"], 1, ["bad"])])
+    first = write_parts(batch, str(tmp_path), fs)
+    again = write_parts(batch, str(tmp_path), fs)  # a retried task writes the same names
+    assert first.to_pylist() == again.to_pylist()
+    assert sorted(first["shard"].to_pylist()) == [0, 1]
+    assert len(list(tmp_path.glob("shard-*/part-*.parquet"))) == 2
+    by_shard = {r["shard"]: r for r in first.to_pylist()}
+    assert (by_shard[0]["kept"], by_shard[0]["rejected"]) == (2, 0)
+    assert (by_shard[1]["kept"], by_shard[1]["rejected"]) == (0, 1)
+    assert pq.read_table(tmp_path / by_shard[0]["file"])["id"].to_pylist() == ["a", "b"]
+
+
+def test_a_shard_commits_when_its_last_row_is_written_and_never_twice(tmp_path):
+    fs = pafs.LocalFileSystem()
+    step = Pass(fs, str(tmp_path / "stage"))
+    committer = ShardCommitter(step, {0: 3, 1: 1, 2: 0})
+    assert committer.committed == {2}  # nothing to write: committed at once
+    committer.add(write_parts(_rows(["a", "b"], 0), step.path, fs))
+    assert committer.committed == {2} and committer.short() == {0: 1, 1: 1}
+    committer.add(write_parts(_rows(["c"], 0, ["why"]), step.path, fs))
+    assert committer.committed == {0, 2}
+    assert set(step.committed()) == {0, 2}
+    record = json.loads((tmp_path / "stage" / "shard-00000" / "_SUCCESS").read_text())
+    assert (record["kept"], record["rejected"], len(record["files"])) == (2, 1, 2)
+    with pytest.raises(ResumeError, match="written twice"):
+        committer.add(write_parts(_rows(["d"], 0), step.path, fs))
+
+
+def test_uncommitted_shards_are_cleared_and_committed_ones_kept(tmp_path):
+    fs = pafs.LocalFileSystem()
+    step = Pass(fs, str(tmp_path / "stage"))
+    committer = ShardCommitter(step, {0: 1, 1: 2})
+    committer.add(write_parts(pa.concat_tables([_rows(["a"], 0), _rows(["b"], 1)]), step.path, fs))
+    assert step.clear_uncommitted() == 1  # shard 1 had a part but not all of its rows
+    assert not (tmp_path / "stage" / "shard-00001").exists()
+    assert set(step.committed()) == {0} and not step.complete()
+    step.commit(step.committed())
+    assert step.complete() and set(step.committed()) == {0}
+
+
+def test_changed_settings_are_refused_with_what_changed(tmp_path):
+    ckpt = Checkpoints(pafs.LocalFileSystem(), str(tmp_path))
+    old = {"doc2query": {"max_attempts": 3, "sampling": {"max_tokens": 512}}, "seed": 0}
+    ckpt.record_settings("doc2query", old)
+    ckpt.check_settings({"doc2query": old})  # the same settings resume
+    new = {"doc2query": {"max_attempts": 3, "sampling": {"max_tokens": 256}}, "seed": 0}
+    with pytest.raises(ResumeError, match=r"doc2query.sampling.max_tokens: 512 -> 256") as e:
+        ckpt.check_settings({"doc2query": new})
+    assert "--fresh" in str(e.value)
+    assert settings_diff({"a": 1}, {"a": 1, "b": [2]}) == ["b: null -> [2]"]
+    OutputDir(str(tmp_path)).clear()
+    ckpt.check_settings({"doc2query": new})  # nothing left to contradict
+
+
+def test_stage_settings_leave_out_what_only_changes_speed():
+    base = {"input": "c.jsonl", "output": "o", "engine": {"model": "m"}}
+    slow = RunConfig.model_validate(base)
+    fast = RunConfig.model_validate(
+        {**base, "engine": {"model": "m", "replicas": 8, "batch_size": 256},
+         "bm25": {"searchers_per_node": 16}}
+    )  # fmt: skip
+    for stage in ("ingest", "doc2query", "bm25", "distill"):
+        assert slow.stage_settings(stage) == fast.stage_settings(stage)
+    hotter = RunConfig.model_validate({**base, "seed": 1})
+    assert hotter.stage_settings("doc2query") != slow.stage_settings("doc2query")
+    assert hotter.stage_settings("bm25") == slow.stage_settings("bm25")

@@ -1,0 +1,214 @@
+"""Resuming after real failures: a killed driver (twice) and a killed engine actor.
+
+The job runs as a user runs it, ``rare-ray run`` in its own process, on 12 sample abstracts
+(plus two empty ones, rejected at ingest) cut into shards of 2 rows, with engine batches of 2
+so that shards commit one after another. The run is killed with SIGKILL while Doc2Query has
+committed some shards and not others, rerun and killed again in the middle of ReasonDistill,
+then rerun once more, and in that last run the vLLM engine actor is killed mid-stage. The
+final output must hold the same ids as an uninterrupted run of the same config, each once.
+Sampling is greedy here, so the two runs agree on which rows the LLM stages keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from tests.conftest import LOCAL_CONFIG, REPO, sample_questions, sample_rows, write_jsonl
+from tests.test_cli import rare_ray
+
+N_DOCS = 12
+SHARD_ROWS = 2
+
+
+def _config(tmp: Path, test_model: Path, corpus: Path, name: str) -> Path:
+    data = yaml.safe_load(LOCAL_CONFIG.read_text())
+    data["input"] = str(corpus)
+    data["output"] = str(tmp / name)
+    data["engine"].update(model=str(test_model), batch_size=SHARD_ROWS, max_concurrent_batches=1)
+    data["doc2query"].update(max_field_chars=60, max_doc_tokens=256)
+    data["doc2query"]["sampling"] = {"temperature": 0.0, "max_tokens": 384}
+    data["distill"]["max_doc_tokens"] = 128
+    # Greedy, the test model's first token for a distill prompt is end-of-sequence.
+    data["distill"]["sampling"] = {"temperature": 0.0, "max_tokens": 48, "min_tokens": 8}
+    data["bm25"]["local_dir"] = str(tmp / "indexes")
+    data["checkpoint"] = {"shard_rows": SHARD_ROWS}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, test_model):
+    tmp = tmp_path_factory.mktemp("resume")
+    rows = [*sample_rows(N_DOCS), {"id": "empty-1", "text": ""}, {"id": "empty-2", "text": " "}]
+    corpus = write_jsonl(tmp / "corpus.jsonl", rows)
+    return (
+        tmp,
+        _config(tmp, test_model, corpus, "resumed"),
+        _config(tmp, test_model, corpus, "whole"),
+    )
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rare_ray.cli", "run", "--config", str(config)],
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the test can clean up after a kill
+    )
+
+
+def _committed(out: Path, stage: str) -> int:
+    return len(list((out / "_stages" / stage).glob("shard-*/_SUCCESS")))
+
+
+def _shards(out: Path) -> int:
+    return len(json.loads((out / "_stages" / "ingest" / "_SUCCESS").read_text())["shards"])
+
+
+def _wait(proc: subprocess.Popen, done: Callable[[], bool], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 900
+    while not done():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL to the driver alone, as a deploy or the OOM killer would. Then the test kills
+    what the driver had started (Ray's daemons die with the driver; vLLM's engine-core
+    processes can outlive it), so the rerun starts on a machine as a new node would be."""
+    started = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    for p in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in p.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            p.kill()
+    psutil.wait_procs(started, timeout=10)
+
+
+def _engine_actor(proc: subprocess.Popen) -> psutil.Process | None:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "vLLMEngineStageUDF" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _ids(out: Path) -> tuple[list[str], dict[str, list[str]]]:
+    data = pads.dataset(out / "data", format="parquet", partitioning="hive").to_table()
+    rejects = pads.dataset(out / "rejects", format="parquet", partitioning="hive").to_table()
+    by_stage: dict[str, list[str]] = {}
+    for row in rejects.select(["id", "stage"]).to_pylist():
+        by_stage.setdefault(row["stage"], []).append(row["id"])
+    return sorted(data["id"].to_pylist()), {k: sorted(v) for k, v in by_stage.items()}
+
+
+@pytest.mark.timeout(2400)  # five runs of the job, two of them whole
+def test_killed_driver_and_engine_then_rerun_match_an_uninterrupted_run(setup):
+    tmp, config, whole_config = setup
+    out = tmp / "resumed"
+
+    # 1. Killed while Doc2Query has committed some of its shards.
+    log = tmp / "run-1.log"
+    proc = _start(config, log)
+    _wait(proc, lambda: (out / "_stages/ingest/_SUCCESS").exists(), "ingest", log)
+    total = _shards(out)
+    assert total == N_DOCS // SHARD_ROWS
+    _wait(proc, lambda: _committed(out, "doc2query") >= 2, "two doc2query shards", log)
+    _kill_driver(proc)
+    after_first = _committed(out, "doc2query")
+    assert 2 <= after_first < total, "the kill was meant to land mid-Doc2Query"
+    status = rare_ray("status", str(out))
+    assert "partial" in status.stdout and "not finished" in status.stdout
+
+    # A changed setting is refused before anything starts, naming what changed.
+    changed = tmp / "changed.yaml"
+    changed.write_text(config.read_text().replace("max_tokens: 384", "max_tokens: 300"))
+    refused = rare_ray("run", "--config", str(changed))
+    assert refused.returncode == 2
+    assert "doc2query.sampling.max_tokens: 384 -> 300" in refused.stderr
+    assert "--fresh" in refused.stderr and "Traceback" not in refused.stderr
+
+    # 2. Rerun: Doc2Query resumes after its committed shards; killed in the middle of distill.
+    log = tmp / "run-2.log"
+    proc = _start(config, log)
+    _wait(proc, lambda: _committed(out, "distill") >= 2, "two distill shards", log)
+    _kill_driver(proc)
+    resumed = f"in {total - after_first} shards, {after_first} shards committed before"
+    assert resumed in log.read_text()
+    after_second = _committed(out, "distill")
+    assert 2 <= after_second < total, "the kill was meant to land mid-ReasonDistill"
+
+    # 3. Rerun to the end; its engine actor is killed once distill has committed another shard.
+    log = tmp / "run-3.log"
+    proc = _start(config, log)
+    _wait(proc, lambda: _committed(out, "distill") > after_second, "a new distill shard", log)
+    actor = _engine_actor(proc)
+    assert actor is not None, "no vLLM engine actor found among the run's processes"
+    actor.kill()
+    assert _committed(out, "distill") < total, "the engine was meant to die mid-stage"
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "doc2query: complete, skipped" in text and "bm25: complete, skipped" in text
+    assert f"in {total - after_second} shards, {after_second} shards committed before" in text
+
+    # The same ids as an uninterrupted run, each once, and the manifest reconciles.
+    whole = rare_ray("run", "--config", str(whole_config), timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    data, rejects = _ids(out)
+    assert len(data) == len(set(data)) and len(data) == N_DOCS
+    assert (data, rejects) == _ids(tmp / "whole")
+    assert rejects == {"ingest": ["empty-1", "empty-2"]}
+    assert len(data) + sum(len(v) for v in rejects.values()) == N_DOCS + 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["input_rows"] == N_DOCS + 2
+    assert manifest["counts"]["output_rows"] == len(data)
+    assert "finished (manifest.json written)" in rare_ray("status", str(out)).stdout
+
+
+def test_fresh_starts_over_where_a_changed_setting_is_refused(tmp_path):
+    """BM25 alone (no LLM, so it is quick): rerun, refused change, then --fresh."""
+    questions = write_jsonl(tmp_path / "q.jsonl", sample_questions()[:30])
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_rows(100))
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    config["bm25"]["local_dir"] = str(tmp_path / "indexes")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["bm25", "--config", str(path), "--input", str(questions), "--corpus", str(corpus),
+            "--output", str(tmp_path / "out")]  # fmt: skip
+    assert rare_ray(*args).returncode == 0
+    again = rare_ray(*args)
+    assert again.returncode == 0 and "bm25: complete, skipped" in again.stdout
+
+    config["bm25"]["num_neg"] = 2
+    path.write_text(yaml.safe_dump(config))
+    refused = rare_ray(*args)
+    assert refused.returncode == 2 and "bm25.num_neg: 3 -> 2" in refused.stderr
+    fresh = rare_ray(*args, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    data = pads.dataset(tmp_path / "out" / "data", format="parquet", partitioning="hive")
+    negatives = data.to_table(columns=["hard_negatives"])["hard_negatives"].to_pylist()
+    assert len(negatives) == 30 and max(len(n) for n in negatives) == 2
