@@ -126,9 +126,10 @@ def main(
     for size in sizes:
         result = run_size(config, size, Path(output_root))
         results.append(result)
-        print(HEADER if len(results) == 1 else "", flush=True)
-        for r in results:
-            print(r.markdown(), flush=True)
+    # After all the runs: the job's own log lines would break up a table printed as it goes.
+    print(HEADER, flush=True)
+    for r in results:
+        print(r.markdown(), flush=True)
     if json_out:
         Path(json_out).write_text(json.dumps([_json(r) for r in results], indent=2))
     return results
