@@ -196,7 +196,13 @@ def test_killed_driver_and_engine_then_rerun_match_an_uninterrupted_run(setup):
 
 def test_fresh_starts_over_where_a_changed_setting_is_refused(tmp_path):
     """BM25 alone (no LLM, so it is quick): rerun, refused change, then --fresh."""
-    questions = write_jsonl(tmp_path / "q.jsonl", sample_questions()[:30])
+    texts = {r["id"]: r["text"] for r in sample_rows(100)}
+    table = [
+        {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
+        for q in sample_questions()
+        if q["id"] in texts
+    ][:30]
+    questions = write_jsonl(tmp_path / "q.jsonl", table)
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_rows(100))
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["bm25"]["local_dir"] = str(tmp_path / "indexes")
