@@ -138,12 +138,13 @@ def run(
         ckpt.record_settings(INGEST, settings[INGEST])
     timings[INGEST] = time.perf_counter() - t
 
+    # Each pass reads its rows from here: ingest's kept rows, then the pass before's.
+    source = Source((ingest,), "kept", from_ingest=True)
     index_build = None
     bm25 = next((op for op in operators if isinstance(op, BM25HardNeg)), None)
     if bm25 is not None and not ckpt.pass_of(bm25.name).complete():
         if corpus is None:
-            whole = Source((ingest,), "kept", from_ingest=True)
-            index_corpus = whole.read(whole.expected())
+            index_corpus = source.read(source.expected())
         else:
             index_corpus = read_documents(corpus, {bm25.config.input_text_key: "text"})
             index_corpus = index_corpus.map_batches(kept, batch_format="pyarrow")
@@ -151,7 +152,6 @@ def run(
         index_build = bm25.start_index(index_corpus)
 
     index_info: dict[str, Any] | None = None
-    source = Source((ingest,), "kept", from_ingest=True)
     for op in operators:
         t = time.perf_counter()
         ckpt.record_settings(op.name, settings[op.name])

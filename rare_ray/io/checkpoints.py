@@ -219,14 +219,6 @@ class ShardCommitter:
             if k not in self.committed
         }
 
-    def complete_with(self, shard: int, name: str, kept: int, rejected: int) -> None:
-        self.add(
-            pa.table(
-                {SHARD: [shard], "file": [name], "kept": [kept], "rejected": [rejected]},
-                schema=PART_SCHEMA,
-            )
-        )
-
 
 def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Human-readable differences between two settings trees, one line each."""
@@ -299,14 +291,6 @@ class Checkpoints:
         """Files holding the kept rows of ``shards`` (each kept row is in exactly one pass)."""
         wanted = list(shards)
         return [f for p in self.passes(stage, attempts) for f in p.files(wanted)]
-
-    def expected_kept(self, stage: str, attempts: int) -> dict[int, int]:
-        """Kept rows per shard, over every pass of a complete stage."""
-        totals: dict[int, int] = {}
-        for p in self.passes(stage, attempts):
-            for k, shard in p.committed().items():
-                totals[k] = totals.get(k, 0) + shard.kept
-        return totals
 
     def counts(self, stage: str, attempts: int) -> dict[str, int]:
         """Rows into a stage, kept and finally rejected (by its last pass), from its records."""

@@ -57,26 +57,26 @@ def _check_comparison(result: dict, stage: str, docs: int) -> None:
     assert math.isfinite(result["ratio"]) and result["ratio"] > 0
 
 
-def test_bench_llm_doc2query(tmp_path: Path, test_model: Path) -> None:
-    out = tmp_path / "llm.json"
-    config = _small_config(tmp_path, test_model)
-    proc = _bench("llm", "--config", str(config), "--docs", "6", "--stages", "doc2query",
+def _bench_llm(config: Path, stage: str, tmp_path: Path) -> str:
+    """Runs ``bench llm`` over 6 rows of ``stage``, checks its result; returns its stdout."""
+    out = tmp_path / f"llm-{stage}.json"
+    proc = _bench("llm", "--config", str(config), "--docs", "6", "--stages", stage,
                   "--json", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| doc2query | 6 |" in proc.stdout
     (result,) = json.loads(out.read_text())
-    _check_comparison(result, "doc2query", 6)
+    _check_comparison(result, stage, 6)
+    return proc.stdout
+
+
+def test_bench_llm_doc2query(tmp_path: Path, test_model: Path) -> None:
+    stdout = _bench_llm(_small_config(tmp_path, test_model), "doc2query", tmp_path)
+    assert "| doc2query | 6 |" in stdout
 
 
 @pytest.mark.slow
 def test_bench_llm_distill_and_pipeline(tmp_path: Path, test_model: Path) -> None:
-    out = tmp_path / "llm.json"
     config = _small_config(tmp_path, test_model)
-    proc = _bench("llm", "--config", str(config), "--docs", "6", "--stages", "distill",
-                  "--json", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (result,) = json.loads(out.read_text())
-    _check_comparison(result, "distill", 6)
+    _bench_llm(config, "distill", tmp_path)
 
     out = tmp_path / "pipeline.json"
     proc = _bench("pipeline", "--config", str(config), "--sizes", "10", "20",
