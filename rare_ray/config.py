@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from rare_ray.io.manifest import looks_secret
+from rare_ray.vocabulary import looks_secret
 
 
 class _Section(BaseModel):
@@ -348,9 +348,6 @@ _BM25_RUNTIME = {
     "searchers_per_node", "threads_per_searcher", "cpus_per_searcher", "heap_per_searcher",
     "batch_size", "local_dir", "chunk_bytes", "share_uri", "max_restarts",
 }  # fmt: skip
-
-StageName = Literal["doc2query", "bm25", "distill"]
-ALL_STAGES: tuple[StageName, ...] = ("doc2query", "bm25", "distill")
 
 
 class RunConfig(_Section):

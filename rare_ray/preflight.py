@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rare_ray.config import EngineConfig, VLLMEngineConfig
-from rare_ray.io.readers import InputError
-
-
-class ClusterError(RuntimeError):
-    """The cluster lacks what the config asks for."""
+from rare_ray.vocabulary import ClusterError, InputError
 
 
 def check_model(model: str) -> None:

@@ -25,12 +25,9 @@ import ray.data
 from rare_ray.io.checkpoints import Pass, ShardCommitter, write_parts
 from rare_ray.operators import Operator
 from rare_ray.rows import ID, REJECT_REASON, SHARD
+from rare_ray.vocabulary import StageError
 
 Rows = Literal["kept", "rejected"]
-
-
-class StageError(RuntimeError):
-    """A stage stopped; the shards it committed stay, and a rerun resumes after them."""
 
 
 @dataclass(frozen=True)

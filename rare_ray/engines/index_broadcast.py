@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 
 from rare_ray.engines.lucene import ANALYZER, LuceneIndexWriter
 from rare_ray.rows import ID
+from rare_ray.vocabulary import filesystem
 
 UNPACK_LOG = "unpack.log"
 _COPY_BYTES = 64 << 20
@@ -76,12 +76,6 @@ def index_params(k1: float, b: float) -> dict[str, Any]:
     from importlib.metadata import version
 
     return {"analyzer": ANALYZER, "k1": k1, "b": b, "pyserini": version("pyserini")}
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
 @ray.remote
@@ -145,7 +139,7 @@ def _put_chunks(archive: Path, chunk_bytes: int) -> Iterator[ray.ObjectRef]:
 
 def _share(archive: Path, handle: IndexHandle, share_uri: str) -> str:
     """Copy the tar and its metadata to shared storage; returns the tar's URI."""
-    fs, root = _filesystem(share_uri)
+    fs, root = filesystem(share_uri)
     fs.create_dir(root, recursive=True)
     tar_path = f"{root.rstrip('/')}/{handle.fingerprint}.tar"
     with archive.open("rb") as src, fs.open_output_stream(tar_path) as dst:
@@ -160,7 +154,7 @@ def _share(archive: Path, handle: IndexHandle, share_uri: str) -> str:
 
 def prebuilt_index(uri: str) -> IndexHandle:
     """A handle for an index written earlier to shared storage (``<fingerprint>.tar``)."""
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     meta_path = path.removesuffix(".tar") + ".json"
     try:
         with fs.open_input_stream(meta_path) as f:
@@ -235,7 +229,7 @@ def local_index(handle: IndexHandle, local_dir: str | Path) -> Path:
 
 def _tar_pieces(handle: IndexHandle) -> Iterator[bytes]:
     if handle.uri:
-        fs, path = _filesystem(handle.uri)
+        fs, path = filesystem(handle.uri)
         with fs.open_input_stream(path) as f:
             while piece := f.read(_COPY_BYTES):
                 yield piece

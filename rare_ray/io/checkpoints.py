@@ -34,13 +34,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rare_ray.rows import ID, REJECT_REASON, SHARD
+from rare_ray.vocabulary import INGEST, ResumeError
 
 SUCCESS = "_SUCCESS"
 SETTINGS = "_SETTINGS.json"
-
-
-class ResumeError(RuntimeError):
-    """The output directory holds a run that this one cannot continue."""
 
 
 @dataclass
@@ -327,6 +324,3 @@ class Checkpoints:
             shards[len(shards)] = current
         ingest.commit(shards)
         return shards
-
-
-INGEST = "ingest"

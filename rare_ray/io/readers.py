@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, content_key, table
+from rare_ray.vocabulary import ColumnKind, InputError, filesystem
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "pubmedqa" / "corpus.jsonl"
 SAMPLE_QUESTIONS = SAMPLE_CORPUS.with_name("questions.jsonl")
@@ -28,16 +29,9 @@ SAMPLE_QUESTIONS = SAMPLE_CORPUS.with_name("questions.jsonl")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 
-# What a column must hold: a non-empty string, or a list of strings.
-ColumnKind = Literal["text", "text_list"]
-
 # How much of the first file is looked at before any engine starts.
 _PEEK_RECORDS = 200
 _PEEK_BYTES = 8 << 20
-
-
-class InputError(ValueError):
-    """The input cannot be used; raised before any engine starts."""
 
 
 def input_schema(columns: Mapping[str, ColumnKind]) -> pa.Schema:
@@ -54,10 +48,7 @@ def input_schema(columns: Mapping[str, ColumnKind]) -> pa.Schema:
 
 def list_input_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The corpus files under ``path``, sorted, so that every run reads them in one order."""
-    try:
-        fs, root = pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, ValueError):
-        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+    fs, root = filesystem(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path!r} does not exist")

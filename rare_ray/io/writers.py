@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -29,8 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from rare_ray.config import ALL_STAGES
-from rare_ray.io.checkpoints import INGEST, Checkpoints
+from rare_ray.io.checkpoints import Checkpoints
 from rare_ray.rows import (
     ID,
     LINE,
@@ -41,6 +39,7 @@ from rare_ray.rows import (
     counter_columns,
     kept,
 )
+from rare_ray.vocabulary import ALL_STAGES, INGEST, OutputError, filesystem
 
 # The columns of rejects/ files; `stage` is in the hive path (rejects/stage=<stage>/).
 REJECT_SCHEMA = pa.schema(
@@ -53,16 +52,6 @@ REJECT_SCHEMA = pa.schema(
         pa.field(LINE, pa.int64()),
     ]
 )
-
-
-class OutputError(RuntimeError):
-    """The output location cannot be used."""
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
 def split_of(row_id: str, validation_fraction: float) -> str:
@@ -81,7 +70,7 @@ def _publishable(batch: pa.Table, validation_fraction: float) -> pa.Table:
 class OutputDir:
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.root = _filesystem(uri)
+        self.fs, self.root = filesystem(uri)
         self.checkpoints = Checkpoints(self.fs, self.root)
 
     def path(self, *parts: str) -> str:
