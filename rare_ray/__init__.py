@@ -4,7 +4,15 @@
     run(RunConfig.from_yaml("configs/local.yaml"))
 
 or one operator at a time on a Ray Dataset: ``Doc2Query``, ``BM25HardNeg``, ``ReasonDistill``.
+
+Importing the package imports neither Ray nor vLLM: the configs come at once, the operators
+and ``run`` on first use (so ``rare-ray --help`` and config checks stay fast).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from rare_ray.config import (
     BM25Config,
@@ -15,8 +23,26 @@ from rare_ray.config import (
     SamplingConfig,
     VLLMEngineConfig,
 )
-from rare_ray.operators import BM25HardNeg, Doc2Query, ReasonDistill
-from rare_ray.pipeline import run
+
+if TYPE_CHECKING:
+    from rare_ray.operators import BM25HardNeg, Doc2Query, Operator, ReasonDistill
+    from rare_ray.pipeline import run
+
+# Names that need Ray, and the module that has each.
+_LAZY = {
+    "BM25HardNeg": "rare_ray.operators",
+    "Doc2Query": "rare_ray.operators",
+    "Operator": "rare_ray.operators",
+    "ReasonDistill": "rare_ray.operators",
+    "run": "rare_ray.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rare_ray' has no attribute {name!r}")
+
 
 __all__ = [
     "BM25Config",
@@ -24,6 +50,7 @@ __all__ = [
     "Doc2Query",
     "Doc2QueryConfig",
     "OpenAIEngineConfig",
+    "Operator",
     "ReasonDistill",
     "ReasonDistillConfig",
     "RunConfig",

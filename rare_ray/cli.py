@@ -15,11 +15,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rare_ray.config import ALL_STAGES, RunConfig, StageName
+from rare_ray.config import RayConfig, RunConfig
+from rare_ray.vocabulary import (
+    ALL_STAGES,
+    ClusterError,
+    InputError,
+    OutputError,
+    ResumeError,
+    StageName,
+)
 
 TEST_MODEL_DIR = "models/tiny-llama"
 
-_STAGE_COMMANDS: dict[str, tuple[StageName, ...]] = {
+# The stage commands and the stages each runs.
+STAGE_COMMANDS: dict[str, tuple[StageName, ...]] = {
     "run": ALL_STAGES,
     "doc2query": ("doc2query",),
     "bm25": ("bm25",),
@@ -33,7 +42,7 @@ _HELP = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rare-ray", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in _HELP.items():
@@ -81,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "build-test-model":
         return _build_test_model(args)
     if args.command == "bench":
@@ -89,11 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _status(args.output)
 
-    from rare_ray.io.checkpoints import ResumeError
-    from rare_ray.io.readers import InputError
-    from rare_ray.io.writers import OutputError
     from rare_ray.pipeline import run
-    from rare_ray.preflight import ClusterError
 
     try:
         config = RunConfig.from_yaml(
@@ -113,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = run(
             config,
-            _STAGE_COMMANDS[args.command],
+            STAGE_COMMANDS[args.command],
             corpus=getattr(args, "corpus", None),
             fresh=args.fresh,
         )
@@ -148,6 +153,7 @@ def _bench(args: argparse.Namespace) -> int:
     import ray
 
     from rare_ray.bench import bm25
+    from rare_ray.bench.common import init_ray
 
     if args.bench in ("llm", "pipeline"):
         from rare_ray.bench import llm, pipeline
@@ -159,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
             pipeline.main(config, args.sizes, args.output, args.json)
         return 0
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray(RayConfig(address="local"), attempts=1)
     print(f"Ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
     bm25.main(args.sizes, args.searchers_per_node, args.repeats, args.local_dir)
     return 0

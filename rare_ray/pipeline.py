@@ -11,39 +11,23 @@ each operator also runs alone.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import ray
 
-from rare_ray.config import ALL_STAGES, RayConfig, RunConfig, StageName
-from rare_ray.io.checkpoints import INGEST, fingerprint
-from rare_ray.io.manifest import redact, versions
+from rare_ray.config import RayConfig, RunConfig
+from rare_ray.io.checkpoints import fingerprint
+from rare_ray.io.manifest import versions
 from rare_ray.io.readers import check_input, input_listing, read_documents
-from rare_ray.io.writers import OutputDir
-from rare_ray.operators import BM25HardNeg, Doc2Query, Operator, ReasonDistill
-from rare_ray.preflight import check_gpus, check_model
+from rare_ray.io.writers import OutputDir, RejectSource
+from rare_ray.operators import Operator, StageContext, build_operators
 from rare_ray.rows import kept
 from rare_ray.runner import Source, run_pass
-
-logger = logging.getLogger("rare_ray")
-
-
-class ReconciliationError(RuntimeError):
-    """Rows were lost or duplicated between stages: never expected, always fatal."""
-
-
-def build_operators(config: RunConfig, stages: Sequence[StageName]) -> list[Operator]:
-    make: dict[StageName, Callable[[], Operator]] = {
-        "doc2query": lambda: Doc2Query(config.engine, config.doc2query, seed=config.seed),
-        "bm25": lambda: BM25HardNeg(config.bm25),
-        "distill": lambda: ReasonDistill(config.engine, config.distill, seed=config.seed),
-    }
-    return [make[name]() for name in ALL_STAGES if name in stages]
+from rare_ray.vocabulary import ALL_STAGES, INGEST, ReconciliationError, StageName, redact
 
 
 def init_ray(config: RayConfig) -> None:
@@ -70,15 +54,15 @@ def stage_settings(
     """
     first = operators[0]
     ingest = {
-        **config.stage_settings(INGEST),
+        **config.ingest_settings(),
         "columns": dict(first.input_columns),
         "files": input_listing(config.input),
     }
     settings = {INGEST: ingest}
     upstream = ingest
     for op in operators:
-        own = config.stage_settings(op.name)
-        if op.name == "bm25" and corpus is not None:
+        own = op.settings()
+        if op.reads_corpus and corpus is not None:
             own["corpus"] = input_listing(corpus)
         settings[op.name] = upstream = {**own, "upstream": fingerprint(upstream)}
     return settings
@@ -94,13 +78,26 @@ def run(
 
     A rerun into the same output directory resumes: stages and shards that an earlier run
     committed are skipped. It refuses an earlier run made with other settings, unless ``fresh``
-    (then the output directory is cleared first). ``corpus`` (BM25 only) indexes another file
-    than the input, e.g. a table of questions mined against a separate document collection.
+    (then the output directory is cleared first). ``corpus`` (for a stage that reads the whole
+    corpus, BM25) names another file than the input, e.g. a table of questions mined against
+    a separate document collection.
     """
     started = datetime.now(UTC)
     operators = build_operators(config, stages)
     if not operators:
         raise ValueError(f"no stage to run among {list(stages)}")
+    return run_operators(config, operators, corpus=corpus, fresh=fresh, started=started)
+
+
+def run_operators(
+    config: RunConfig,
+    operators: Sequence[Operator],
+    corpus: str | None = None,
+    fresh: bool = False,
+    started: datetime | None = None,
+) -> dict[str, Any]:
+    """``run`` with the stages given as operators, any ``Operator`` subclass among them."""
+    started = started or datetime.now(UTC)
     out = OutputDir(config.output)
     ckpt = out.checkpoints
 
@@ -108,9 +105,8 @@ def run(
     out.check_writable()
     required = dict(operators[0].input_columns)
     check_input(config.input, required, config.id_key)
-    uses_llm = any(isinstance(op, Doc2Query | ReasonDistill) for op in operators)
-    if uses_llm:
-        check_model(config.engine.model)
+    for op in operators:
+        op.check()
     if corpus is not None:
         check_input(corpus, {"text": "text"}, config.id_key)
     settings = stage_settings(config, operators, corpus)
@@ -119,8 +115,6 @@ def run(
     ckpt.check_settings(settings)
 
     init_ray(config.ray)
-    if uses_llm:
-        check_gpus(config.engine, ray.cluster_resources())
     if config.limit is not None:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     timings: dict[str, float] = {}
@@ -140,37 +134,28 @@ def run(
 
     # Each pass reads its rows from here: ingest's kept rows, then the pass before's.
     source = Source((ingest,), "kept", from_ingest=True)
-    index_build = None
-    bm25 = next((op for op in operators if isinstance(op, BM25HardNeg)), None)
-    if bm25 is not None and not ckpt.pass_of(bm25.name).complete():
-        if corpus is None:
-            index_corpus = source.read(source.expected())
-        else:
-            index_corpus = read_documents(corpus, {bm25.config.input_text_key: "text"})
-            index_corpus = index_corpus.map_batches(kept, batch_format="pyarrow")
-        _log("building the BM25 index in the background")
-        index_build = bm25.start_index(index_corpus)
+    context = StageContext(
+        corpus=functools.partial(_corpus, source, corpus, operators),
+        cluster_resources=ray.cluster_resources(),
+        log=_log,
+    )
+    # Every stage that has work left sets up before the first one runs, so background work
+    # (BM25's index) overlaps the stages before it and bad settings stop the run early.
+    for op in operators:
+        if not ckpt.pass_of(op.name, op.passes).complete():
+            op.prepare(context)
 
-    index_info: dict[str, Any] | None = None
     for op in operators:
         t = time.perf_counter()
         ckpt.record_settings(op.name, settings[op.name])
-        for attempt in range(1, op.attempts + 1):
+        for attempt in range(1, op.passes + 1):
             step = ckpt.pass_of(op.name, attempt)
             label = op.name if attempt == 1 else f"{op.name} (attempt {attempt})"
             if step.complete():
                 _log(f"{label}: complete, skipped")
             else:
-                _log(f"{label}: starting")
-                process = functools.partial(op.run_pass, attempt=attempt)
-                if isinstance(op, BM25HardNeg):
-                    assert index_build is not None
-                    index = index_build.result()
-                    index_info = index.describe()
-                    _log(
-                        f"BM25 index ready: {index.num_docs} documents in {index.build_seconds:.1f} s"
-                    )
-                    process = functools.partial(op.run, index=index)
+                _log(f"{label}: starting ({op.resources.describe()})")
+                process = functools.partial(op.run_pass, attempt=attempt, context=context)
                 done = run_pass(step, source, process, op, config.checkpoint.max_failed_batches)
                 failed = done["failed_rows"]
                 _log(
@@ -180,31 +165,39 @@ def run(
                 )
             source = Source((step,), "rejected")
         timings[op.name] = time.perf_counter() - t
-        counts = ckpt.counts(op.name, op.attempts)
+        counts = ckpt.counts(op.name, op.passes)
         _log(
             f"stage {op.name}: {counts['out']} kept, {counts['rejected']} rejected "
             f"({timings[op.name]:.1f} s)"
         )
-        source = Source(tuple(ckpt.passes(op.name, op.attempts)), "kept")
+        source = Source(tuple(ckpt.passes(op.name, op.passes)), "kept")
 
     t = time.perf_counter()
     last = operators[-1]
     everything = list(ingest.committed())
     out.publish_data(
-        ckpt.kept_files(last.name, last.attempts, everything),
+        ckpt.kept_files(last.name, last.passes, everything),
         config.output_layout.validation_fraction,
     )
     out.publish_rejects(
         [
-            (INGEST, ingest.files(everything), operators[0].text_key),
+            RejectSource(INGEST, ingest.files(everything), operators[0].text_key),
             *(
-                (op.name, ckpt.pass_of(op.name, op.attempts).files(everything), op.text_key)
+                RejectSource(
+                    op.name,
+                    ckpt.pass_of(op.name, op.passes).files(everything),
+                    op.text_key,
+                    op.pass_column,
+                )
                 for op in operators
             ),
         ]
     )
     timings["publish"] = time.perf_counter() - t
 
+    entries: dict[str, Any] = {}
+    for op in operators:
+        entries.update(op.manifest_entries())
     manifest = {
         "rare_ray_version": versions()["rare-ray"],
         "started_at": started.isoformat(),
@@ -214,7 +207,7 @@ def run(
         "stages_run": [op.name for op in operators],
         "engine": config.engine.model_dump(include={"kind", "model", "device"}),
         "versions": versions(),
-        "index": index_info,
+        **entries,
         "shards": len(everything),
         "counts": _reconcile(out, operators),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
@@ -223,6 +216,14 @@ def run(
     path = out.write_manifest(manifest)
     _log(f"manifest: {path}")
     return manifest
+
+
+def _corpus(source: Source, corpus: str | None, operators: Sequence[Operator]) -> ray.data.Dataset:
+    """The whole corpus, for a stage that needs it: ingest's kept rows, or ``corpus``."""
+    if corpus is None:
+        return source.read(source.expected())
+    text_key = next(op for op in operators if op.reads_corpus).text_key
+    return read_documents(corpus, {text_key: "text"}).map_batches(kept, batch_format="pyarrow")
 
 
 def _reconcile(out: OutputDir, operators: Sequence[Operator]) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def _reconcile(out: OutputDir, operators: Sequence[Operator]) -> dict[str, Any]:
     }
     incoming = per_stage[INGEST]["out"]
     for op in operators:
-        counts = ckpt.counts(op.name, op.attempts)
+        counts = ckpt.counts(op.name, op.passes)
         if counts["in"] != incoming:
             raise ReconciliationError(
                 f"stage {op.name}: {incoming} rows came in, but {counts['out']} kept + "
@@ -248,8 +249,8 @@ def _reconcile(out: OutputDir, operators: Sequence[Operator]) -> dict[str, Any]:
         counts.update(
             out.counter_totals(
                 op.name,
-                ckpt.kept_files(op.name, op.attempts, shards),
-                ckpt.pass_of(op.name, op.attempts).files(shards),
+                ckpt.kept_files(op.name, op.passes, shards),
+                ckpt.pass_of(op.name, op.passes).files(shards),
             )
         )
         per_stage[op.name] = counts

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import ray.data
 
 from rare_ray.io.checkpoints import Pass, ShardCommitter, write_parts
-from rare_ray.operators import Operator
-from rare_ray.rows import ID, REJECT_REASON, SHARD
+from rare_ray.operators.base import Operator
+from rare_ray.rows import ID, SHARD, kept, rejected
 from rare_ray.vocabulary import StageError
 
 Rows = Literal["kept", "rejected"]
@@ -65,7 +65,7 @@ class Source:
         by_name = {PurePosixPath(f).name: k for f, k in files.items()}
         return ds.map_batches(
             functools.partial(
-                _select, rows=self.rows, shard_of=by_name if self.from_ingest else None
+                _pick, rows=self.rows, shard_of=by_name if self.from_ingest else None
             ),
             batch_format="pyarrow",
         )
@@ -73,17 +73,16 @@ class Source:
     def read_local(self, shard: int) -> pa.Table:
         """The shard's rows, read here (a shard is small): to find rows a failed batch held."""
         fs = self.passes[0].fs
-        tables = [_select(pq.read_table(f, filesystem=fs), self.rows) for f in self._files([shard])]
+        tables = [_pick(pq.read_table(f, filesystem=fs), self.rows) for f in self._files([shard])]
         rows = pa.concat_tables(tables, promote_options="permissive")
         if self.from_ingest:
             rows = rows.append_column(SHARD, pa.array([shard] * rows.num_rows, pa.int32()))
         return rows
 
 
-def _select(batch: pa.Table, rows: Rows, shard_of: dict[str, int] | None = None) -> pa.Table:
+def _pick(batch: pa.Table, rows: Rows, shard_of: dict[str, int] | None = None) -> pa.Table:
     """The kept or the rejected rows of ``batch``; ``shard_of`` names the shard of each file."""
-    is_kept = pc.is_null(batch[REJECT_REASON])
-    batch = batch.filter(is_kept if rows == "kept" else pc.invert(is_kept))
+    batch = kept(batch) if rows == "kept" else rejected(batch)
     if shard_of is not None:
         shards = [shard_of[PurePosixPath(p).name] for p in batch["path"].to_pylist()]
         batch = batch.drop_columns(["path"]).append_column(SHARD, pa.array(shards, pa.int32()))

@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray per test session, the test model, the sample corpus."""
+"""Shared fixtures: one local Ray per test session, the test model, the local config, an API key.
+
+The plain helpers they build on are in tests/helpers.py (and the scripted chat-completions
+server in tests/scripted_server.py); test modules import those from there, not from here.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +15,8 @@ import ray
 import yaml
 
 from rare_ray.config import RunConfig
-from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
-
-REPO = Path(__file__).resolve().parent.parent
-LOCAL_CONFIG = REPO / "configs" / "local.yaml"
-TEST_MODEL = REPO / "models" / "tiny-llama"
+from tests import scripted_server
+from tests.helpers import LOCAL_CONFIG, TEST_MODEL, local_config_in
 
 
 @pytest.fixture(scope="session")
@@ -43,37 +43,16 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
-def local_config_in(tmp_path: Path, test_model: Path) -> RunConfig:
-    """The local config, writing under ``tmp_path``, with small generation budgets."""
-    data = yaml.safe_load(LOCAL_CONFIG.read_text())
-    data["output"] = str(tmp_path / "out")
-    data["engine"]["model"] = str(test_model)
-    data["doc2query"]["sampling"]["max_tokens"] = 320
-    data["doc2query"]["max_field_chars"] = 120
-    data["distill"]["sampling"]["max_tokens"] = 64
-    data["bm25"]["local_dir"] = str(tmp_path / "indexes")
-    return RunConfig.model_validate(data)
-
-
 @pytest.fixture
 def local_config(tmp_path: Path, test_model: Path) -> RunConfig:
     return local_config_in(tmp_path, test_model)
 
 
-def sample_rows(n: int | None = None) -> list[dict]:
-    with SAMPLE_CORPUS.open() as f:
-        rows = [json.loads(line) for line in f]
-    return rows[:n] if n else rows
-
-
-def sample_questions() -> list[dict]:
-    with SAMPLE_QUESTIONS.open() as f:
-        return [json.loads(line) for line in f]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The key ``tests.scripted_server.engine_for``'s config reads, set in the environment."""
+    monkeypatch.setenv(scripted_server.KEY_ENV, scripted_server.KEY)
+    return scripted_server.KEY
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -42,8 +42,7 @@ import pytest
 import yaml
 from tokenizers import Tokenizer
 
-from tests.conftest import LOCAL_CONFIG, local_config_in, sample_rows, write_jsonl
-from tests.test_cli import rare_ray
+from tests.helpers import LOCAL_CONFIG, local_config_in, rare_ray, sample_rows, write_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Errors before any engine starts

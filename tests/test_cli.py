@@ -1,24 +1,12 @@
 """The rare-ray command as a user runs it: a real process, real exit codes and messages."""
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from tests.conftest import LOCAL_CONFIG, REPO, sample_questions, sample_rows, write_jsonl
-
-
-def rare_ray(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rare_ray.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.helpers import LOCAL_CONFIG, rare_ray, sample_questions, sample_rows, write_jsonl
 
 
 def test_missing_text_column_fails_fast_before_any_engine(tmp_path):

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from rare_ray.cli import _STAGE_COMMANDS, _parser
+from rare_ray.cli import STAGE_COMMANDS, build_parser
 from rare_ray.config import RunConfig
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 CLUSTER = REPO / "cluster"
 LAUNCHER = CLUSTER / "ray-cluster-aws.yaml"
@@ -155,10 +155,10 @@ def check_job_command(command: JobCommand) -> list[str]:
     if command.argv[:1] != ["rare-ray"] or "rare-ray" not in scripts:
         return [f"{where}: does not run the rare-ray console script"]
     try:
-        args = _parser().parse_args(command.argv[1:])
+        args = build_parser().parse_args(command.argv[1:])
     except SystemExit:
         return [f"{where}: rare-ray refuses these arguments"]
-    if args.command not in _STAGE_COMMANDS:
+    if args.command not in STAGE_COMMANDS:
         return [f"{where}: {args.command} is not a job"]
     path = REPO / args.config
     if not path.is_file():

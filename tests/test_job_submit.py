@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from tests.conftest import LOCAL_CONFIG, REPO
+from tests.helpers import LOCAL_CONFIG, REPO
 
 BIN = Path(sys.executable).parent
 

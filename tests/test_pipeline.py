@@ -18,7 +18,7 @@ from rare_ray.io.writers import OutputDir
 from rare_ray.operators.bm25_hardneg import select_negatives
 from rare_ray.operators.reason_distill import document_order
 from rare_ray.rows import content_key
-from tests.conftest import local_config_in, sample_rows
+from tests.helpers import local_config_in, sample_rows
 
 N_GOOD = 50
 BAD_ROWS = [

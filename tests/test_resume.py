@@ -25,8 +25,14 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from tests.conftest import LOCAL_CONFIG, REPO, sample_questions, sample_rows, write_jsonl
-from tests.test_cli import rare_ray
+from tests.helpers import (
+    LOCAL_CONFIG,
+    REPO,
+    rare_ray,
+    sample_questions,
+    sample_rows,
+    write_jsonl,
+)
 
 N_DOCS = 12
 SHARD_ROWS = 2

@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from rare_ray import pipeline
-from tests.conftest import local_config_in, sample_rows, write_jsonl
+from tests.helpers import local_config_in, sample_rows, write_jsonl
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """An API key given through the environment never appears in the manifest, logs or output.
 
 The job runs as a user runs it (the ``rare-ray`` command in its own process, a private local
-Ray) with ``engine.kind: openai``, against conftest.py's ScriptedServer standing in for a hosted
+Ray) with ``engine.kind: openai``, against tests/scripted_server.py's ScriptedServer standing in for a hosted
 API (the test double: no hosted API can be reached from a test). The server answers only
 requests that carry the key, and for one document answers "401: bad key Bearer <the key>", as
 some APIs do, so the key comes back to the client inside an error that ends up in a reject.
@@ -33,9 +33,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, local_config_in, sample_rows, write_jsonl
-from tests.engines.conftest import Reply, ScriptedServer, answer, failure
-from tests.test_cli import rare_ray
+from tests.helpers import REPO, local_config_in, rare_ray, sample_rows, write_jsonl
+from tests.scripted_server import Reply, ScriptedServer, answer, failure
 
 ECHO = "Please echo the key back"  # in one document: the server answers it with the key
 

@@ -18,33 +18,26 @@ questions, whose gold abstracts are in every corpus.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import ray
 
+from rare_ray.bench.common import read_jsonl
 from rare_ray.config import BM25Config
 from rare_ray.engines.index_broadcast import local_index
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
-from rare_ray.operators import BM25HardNeg
+from rare_ray.operators import BM25HardNeg, StageContext
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def corpus(size: int) -> list[dict[str, str]]:
     """The sample abstracts, then synthetic documents from their sentences, ``size`` in all."""
-    real = _jsonl(SAMPLE_CORPUS)
+    real = read_jsonl(SAMPLE_CORPUS)
     if size <= len(real):
         return real[:size]
     sentences = [s for doc in real for s in _SENTENCE.split(doc["text"]) if len(s) > 20]
@@ -57,10 +50,10 @@ def corpus(size: int) -> list[dict[str, str]]:
 
 
 def queries() -> list[dict[str, str]]:
-    texts = {d["id"]: d["text"] for d in _jsonl(SAMPLE_CORPUS)}
+    texts = {d["id"]: d["text"] for d in read_jsonl(SAMPLE_CORPUS)}
     return [
         {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
-        for q in _jsonl(SAMPLE_QUESTIONS)
+        for q in read_jsonl(SAMPLE_QUESTIONS)
     ]
 
 
@@ -93,13 +86,15 @@ HEADER = (
 def bench_size(size: int, config: BM25Config, repeats: int) -> Row:
     op = BM25HardNeg(config)
     start = time.perf_counter()
-    index = op.start_index(ray.data.from_items(corpus(size))).result()
+    context = StageContext(corpus=lambda: ray.data.from_items(corpus(size)), log=lambda _: None)
+    op.prepare(context)
+    index = op.wait_for_index(context)
     build_s = time.perf_counter() - start
 
     query_rows = queries() * repeats
     ds = ray.data.from_items(query_rows).materialize()
     start = time.perf_counter()
-    mined = op.run(ds, index=index).materialize()
+    mined = op.run_pass(ds, 1, context).materialize()
     stage_s = time.perf_counter() - start
     assert mined.count() == len(query_rows)
     searchers = op.plan(ray.nodes()).total

@@ -5,12 +5,12 @@ and the same engine settings:
 
 - **bare vLLM**: the requests the stage would send (rendered by the operator's own ``render``
   with the same token budgets), through ``vllm.LLM.chat`` in one process of its own, with the
-  engine arguments that ``rare_ray.engines.llm.processor_config`` gives the stage, and the
+  engine arguments that ``rare_ray.engines.vllm.processor_config`` gives the stage, and the
   scheduler limits (``max_num_seqs``, ``max_num_batched_tokens``) that the stage's async engine
   resolves from them: ``vllm.LLM`` would otherwise pick other defaults (on a CPU, twice the
   sequences and batched tokens). Timed from the call to the last output; the engine's
   construction is timed apart (engine start).
-- **the stage**: ``rare_ray.engines.llm.generate`` over the same rows as a Ray Dataset, every
+- **the stage**: ``rare_ray.engines.generate`` over the same rows as a Ray Dataset, every
   output row consumed by the driver. Its engine starts inside a Ray actor after the Dataset
   starts executing, so the stage's time is split at the moment that actor became ready (the end
   of its ``__init__``, read from Ray's own task events, ``ray.timeline()``): engine start is
@@ -42,15 +42,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import pyarrow as pa
 
+from rare_ray.bench.common import engine_starts, init_ray, read_jsonl
 from rare_ray.config import RunConfig, VLLMEngineConfig
-from rare_ray.engines.llm import GENERATED_TOKENS, INFERENCE_ERROR, TokenBudget
+from rare_ray.engines.contract import GENERATED_TOKENS, INFERENCE_ERROR, Render, TokenBudget
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
 from rare_ray.rows import ID
 
@@ -62,14 +63,9 @@ SCENARIO = (
 )
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def doc_rows(n: int) -> list[dict[str, Any]]:
     """The first ``n`` sample abstracts; past 1,000 they repeat under new ids."""
-    corpus = _jsonl(SAMPLE_CORPUS)
+    corpus = read_jsonl(SAMPLE_CORPUS)
     return [
         {
             ID: corpus[i % len(corpus)]["id"]
@@ -82,8 +78,8 @@ def doc_rows(n: int) -> list[dict[str, Any]]:
 
 def distill_rows(n: int, num_neg: int = 3) -> list[dict[str, Any]]:
     """Doc rows with a question (the abstract's human one), a scenario and ``num_neg`` negatives."""
-    corpus = _jsonl(SAMPLE_CORPUS)
-    questions = {q["id"]: q["question"] for q in _jsonl(SAMPLE_QUESTIONS)}
+    corpus = read_jsonl(SAMPLE_CORPUS)
+    questions = {q["id"]: q["question"] for q in read_jsonl(SAMPLE_QUESTIONS)}
     rows = []
     for i, row in enumerate(doc_rows(n)):
         own = i % len(corpus)
@@ -97,9 +93,6 @@ def distill_rows(n: int, num_neg: int = 3) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-Render = Callable[[dict[str, Any], Any], tuple[list[dict[str, str]], dict[str, Any]]]
 
 
 def workload(name: str, config: RunConfig, n: int) -> tuple[list[dict[str, Any]], Render]:
@@ -116,7 +109,7 @@ def workload(name: str, config: RunConfig, n: int) -> tuple[list[dict[str, Any]]
 
 
 def requests(rows: list[dict[str, Any]], render: Render, model: str) -> list[dict[str, Any]]:
-    """What the stage sends per row: messages and sampling parameters (as ``_render_batch``)."""
+    """What the stage sends per row: messages and sampling parameters (as ``render_batch``)."""
     out = []
     for row in rows:
         messages, sampling = render(row, TokenBudget(model))
@@ -130,7 +123,7 @@ def bare_engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
     ``processor_config`` builds them; ``ray.data.llm``'s engine stage then picks the single-process
     executor for one device per replica, as it does here.
     """
-    from rare_ray.engines.llm import processor_config
+    from rare_ray.engines.vllm import processor_config
 
     kwargs = dict(processor_config(engine).engine_kwargs)
     kwargs.pop("task_type", None)
@@ -270,16 +263,7 @@ def _bare_main(spec_path: str, result_path: str) -> None:
 def engine_ready_after(since: float) -> float | None:
     """Wall-clock time (``time.time()``) at which the newest vLLM engine actor started after
     ``since`` finished its ``__init__``, from Ray's task events; None if Ray has none."""
-    import ray
-
-    ends = []
-    for event in ray.timeline():
-        what = f"{event.get('cat', '')} {event.get('name', '')}"
-        if "vLLMEngineStageUDF" not in what or "__init__" not in what or "ts" not in event:
-            continue
-        start = float(event["ts"]) / 1e6
-        if start >= since:
-            ends.append(start + float(event.get("dur", 0)) / 1e6)
+    ends = [start + seconds for start, seconds in engine_starts(since)]
     return max(ends) if ends else None
 
 
@@ -287,7 +271,7 @@ def run_stage(rows: list[dict[str, Any]], engine: VLLMEngineConfig, render: Rend
     """``generate`` over ``rows``; every output row is fetched by this process."""
     import ray
 
-    from rare_ray.engines.llm import generate
+    from rare_ray.engines import generate
 
     ds = ray.data.from_items(rows)
     wall_start, start = time.time(), time.perf_counter()
@@ -326,9 +310,9 @@ def run_stage(rows: list[dict[str, Any]], engine: VLLMEngineConfig, render: Rend
 
 def stage_prompt_tokens(rows: list[dict[str, Any]], model: str, render: Render) -> int:
     """Prompt tokens the stage sends for ``rows``, from its own render step (outside timing)."""
-    from rare_ray.engines.llm import PROMPT_TOKENS, _render_batch
+    from rare_ray.engines.vllm import PROMPT_TOKENS, render_batch
 
-    table = _render_batch(pa.Table.from_pylist(rows), model, render)
+    table = render_batch(pa.Table.from_pylist(rows), model, render)
     return sum(len(p) for p in table[PROMPT_TOKENS].to_pylist())
 
 
@@ -348,7 +332,7 @@ def compare(name: str, config: RunConfig, n: int) -> Comparison:
         ray.shutdown()
     env = {str(k): str(v) for k, v in config.ray.runtime_env.get("env_vars", {}).items()}
     bare = run_bare(engine.model, bare_engine_kwargs(engine), reqs, env)
-    _init_ray(config)
+    init_ray(config.ray)
     try:
         stage = run_stage(rows, engine, render)
     finally:
@@ -391,29 +375,6 @@ def main(
     if json_out:
         Path(json_out).write_text(json.dumps([r.to_json() for r in results], indent=2))
     return results
-
-
-def _init_ray(config: RunConfig, attempts: int = 3) -> None:
-    import ray
-
-    address = config.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    local: dict[str, Any] = (
-        {"num_cpus": config.ray.num_cpus, "include_dashboard": False} if address == "local" else {}
-    )
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(
-                address=address,
-                runtime_env=config.ray.runtime_env or None,
-                log_to_driver=False,
-                **local,
-            )
-            return
-        except Exception:  # a busy machine can time a local Ray's start-up out
-            ray.shutdown()
-            if attempt == attempts:
-                raise
-            time.sleep(5)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rare_ray.bench.common import engine_starts
 from rare_ray.config import RunConfig
 
 STAGES = ("ingest", "doc2query", "bm25", "distill", "publish")
-
-
-def engine_starts(since: float) -> list[tuple[float, float]]:
-    """(start, seconds) of every vLLM engine actor ``__init__`` begun after ``since``."""
-    import ray
-
-    starts = []
-    for event in ray.timeline():
-        what = f"{event.get('cat', '')} {event.get('name', '')}"
-        if "vLLMEngineStageUDF" in what and "__init__" in what and "ts" in event:
-            start = float(event["ts"]) / 1e6
-            if start >= since:
-                starts.append((start, float(event.get("dur", 0)) / 1e6))
-    return sorted(starts)
 
 
 @dataclass

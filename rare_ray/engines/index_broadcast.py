@@ -210,8 +210,9 @@ def resolve_local_dir(local_dir: str) -> Path:
     return Path(os.path.expandvars(local_dir.replace("{node_id}", node_id))).expanduser()
 
 
-def local_index(handle: IndexHandle, local_dir: str | Path) -> Path:
-    """The node-local directory of ``handle``'s index, unpacked by the first caller only."""
+def local_index(handle: IndexHandle, local_dir: str | Path, debug_logs: bool = False) -> Path:
+    """The node-local directory of ``handle``'s index, unpacked by the first caller only;
+    with ``debug_logs`` each unpack adds a line to ``unpack.log`` beside it."""
     root = resolve_local_dir(str(local_dir))
     root.mkdir(parents=True, exist_ok=True)
     target = root / handle.fingerprint
@@ -221,7 +222,7 @@ def local_index(handle: IndexHandle, local_dir: str | Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not target.is_dir():
-                _unpack(handle, root, target)
+                _unpack(handle, root, target, debug_logs)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
@@ -238,7 +239,7 @@ def _tar_pieces(handle: IndexHandle) -> Iterator[bytes]:
             yield ray.get(ref)
 
 
-def _unpack(handle: IndexHandle, root: Path, target: Path) -> None:
+def _unpack(handle: IndexHandle, root: Path, target: Path, debug_logs: bool) -> None:
     archive = root / f"{handle.fingerprint}.tar.partial"
     staging = root / f"{handle.fingerprint}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -250,6 +251,8 @@ def _unpack(handle: IndexHandle, root: Path, target: Path) -> None:
         tar.extractall(staging, filter="data")
     archive.unlink()
     os.rename(staging, target)
+    if not debug_logs:
+        return
     # One line per unpack: how tests (and curious operators) see that it happened once.
     record = {
         "fingerprint": handle.fingerprint,

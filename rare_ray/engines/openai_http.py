@@ -1,8 +1,8 @@
 """Batch generation against an OpenAI-compatible chat-completions API, as Ray Data actors.
 
-``generate(ds, engine, render)`` gives the same columns as the vLLM path in ``llm.py``: each
-row's own columns (types untouched), ``_generated_text``, ``_generated_tokens``,
-``_inference_error`` and ``_truncated``. ``engine.workers`` actors each keep up to
+``generate(ds, engine, render)`` gives the columns of ``rare_ray.engines.contract``, as the
+vLLM backend does: each row's own columns (types untouched), then ``_truncated``,
+``_generated_text``, ``_generated_tokens`` and ``_inference_error``. ``engine.workers`` actors each keep up to
 ``engine.concurrency`` requests in flight (asyncio + aiohttp, which ``ray[default]`` installs).
 
 Why not ``ray.data.llm``'s ``HttpRequestProcessorConfig`` (Ray 2.60): its stage raises once a
@@ -37,7 +37,7 @@ leaves its error in ``_inference_error``; it never fails the job.
 
 The key. It is read from the environment variable ``engine.api_key_env`` on the worker, or,
 where the worker's environment lacks it, handed over from the driver's environment wrapped in
-``_Secret`` (whose ``repr`` is ``<redacted>``). It only ever goes into the ``Authorization``
+``pydantic.SecretStr`` (whose ``repr`` shows ``'**********'``). It only ever goes into the ``Authorization``
 header; error texts are scrubbed of it before they reach a row.
 """
 
@@ -57,27 +57,18 @@ from typing import Any
 
 import pyarrow as pa
 import ray.data
+from pydantic import SecretStr
 
 from rare_ray.config import OpenAIEngineConfig
-from rare_ray.engines.llm import (
-    GENERATED_TEXT,
-    GENERATED_TOKENS,
-    INFERENCE_ERROR,
-    TRUNCATED,
-    Messages,
-    Render,
-    TokenBudget,
-    load_tokenizer,
-)
+from rare_ray.engines.contract import Messages, Render, TokenBudget, load_tokenizer, with_results
+from rare_ray.vocabulary import REDACTED
 
 logger = logging.getLogger("rare_ray")
 
 # The key the operators' sampling dicts use for a JSON-schema constraint (json_schema_sampling).
 STRUCTURED_OUTPUTS = "structured_outputs"
-RESULT_COLUMNS = (TRUNCATED, GENERATED_TEXT, GENERATED_TOKENS, INFERENCE_ERROR)
 # Longest piece of an error response body kept in _inference_error.
 MAX_ERROR_CHARS = 500
-REDACTED = "<redacted>"
 
 
 def retryable(status: int) -> bool:
@@ -85,22 +76,7 @@ def retryable(status: int) -> bool:
     return status in (408, 429) or 500 <= status <= 599
 
 
-class _Secret:
-    """A value that stays out of ``repr``, ``str``, logs and tracebacks."""
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return REDACTED
-
-    __str__ = __repr__
-
-
-class _CharBudget:
+class CharBudget:
     """Cuts documents to ``chars_per_token`` characters per token of budget; counts the cuts."""
 
     def __init__(self, chars_per_token: float):
@@ -245,7 +221,7 @@ class OpenAIWorker:
     """
 
     def __init__(
-        self, engine: OpenAIEngineConfig, render: Render, driver_key: _Secret | None = None
+        self, engine: OpenAIEngineConfig, render: Render, driver_key: SecretStr | None = None
     ):
         self.engine = engine
         self.render = render
@@ -253,7 +229,7 @@ class OpenAIWorker:
         self._key = self._resolve_key(driver_key)
         self._headers = {"Content-Type": "application/json"}
         if self._key is not None:
-            self._headers["Authorization"] = f"Bearer {self._key.reveal()}"
+            self._headers["Authorization"] = f"Bearer {self._key.get_secret_value()}"
         if engine.tokenizer:
             load_tokenizer(engine.tokenizer)  # loaded once per worker; a bad path fails here
         self._slots: asyncio.Semaphore | None = None
@@ -261,14 +237,14 @@ class OpenAIWorker:
         # ("Already borrowed").
         self._render_lock = threading.Lock()
 
-    def _resolve_key(self, driver_key: _Secret | None) -> _Secret | None:
+    def _resolve_key(self, driver_key: SecretStr | None) -> SecretStr | None:
         name = self.engine.api_key_env
         if name is None:
             return None
         value = os.environ.get(name)
         if value:
-            return _Secret(value)
-        if driver_key is not None and driver_key.reveal():
+            return SecretStr(value)
+        if driver_key is not None and driver_key.get_secret_value():
             return driver_key
         raise RuntimeError(
             f"engine.api_key_env names {name!r}, which is set neither on the driver nor on "
@@ -276,14 +252,14 @@ class OpenAIWorker:
         )
 
     def _scrub(self, text: str) -> str:
-        if self._key is not None and self._key.reveal():
-            text = text.replace(self._key.reveal(), REDACTED)
+        if self._key is not None and self._key.get_secret_value():
+            text = text.replace(self._key.get_secret_value(), REDACTED)
         return text
 
-    def _budget(self) -> TokenBudget | _CharBudget:
+    def _budget(self) -> TokenBudget | CharBudget:
         if self.engine.tokenizer:
             return TokenBudget(self.engine.tokenizer)
-        return _CharBudget(self.engine.chars_per_token)
+        return CharBudget(self.engine.chars_per_token)
 
     def _render(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
         bodies, truncated = [], []
@@ -307,7 +283,13 @@ class OpenAIWorker:
             connector=aiohttp.TCPConnector(limit=self.engine.concurrency),
         ) as session:
             results = await asyncio.gather(*(self._request(session, b) for b in bodies))
-        return with_results(batch, results, truncated)
+        return with_results(
+            batch,
+            truncated=truncated,
+            text=[r.text for r in results],
+            tokens=[r.tokens for r in results],
+            errors=[r.error for r in results],
+        )
 
     async def _request(self, session: Any, body: dict[str, Any]) -> Generation:
         assert self._slots is not None
@@ -359,22 +341,11 @@ class OpenAIWorker:
         )
 
 
-def with_results(batch: pa.Table, results: list[Generation], truncated: list[int]) -> pa.Table:
-    """``batch``'s own columns (types untouched) followed by the generation's columns."""
-    base = batch.drop_columns([c for c in RESULT_COLUMNS if c in batch.column_names])
-    return (
-        base.append_column(TRUNCATED, pa.array(truncated, pa.int32()))
-        .append_column(GENERATED_TEXT, pa.array([r.text for r in results], pa.string()))
-        .append_column(GENERATED_TOKENS, pa.array([r.tokens for r in results], pa.int32()))
-        .append_column(INFERENCE_ERROR, pa.array([r.error for r in results], pa.string()))
-    )
-
-
 def generate(ds: ray.data.Dataset, engine: OpenAIEngineConfig, render: Render) -> ray.data.Dataset:
     """Run one request per row of ``ds``; every input row comes back, with its generation."""
     driver_key = None
     if engine.api_key_env and os.environ.get(engine.api_key_env):
-        driver_key = _Secret(os.environ[engine.api_key_env])
+        driver_key = SecretStr(os.environ[engine.api_key_env])
     # Blocks of one batch each, so that every worker gets some (as on the vLLM path).
     return ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(
         OpenAIWorker,

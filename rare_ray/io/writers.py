@@ -19,7 +19,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,6 +67,16 @@ def _publishable(batch: pa.Table, validation_fraction: float) -> pa.Table:
     return out.append_column(SPLIT, pa.array(splits, pa.string()))
 
 
+class RejectSource(NamedTuple):
+    """A stage's final pass, as rejects/ shows it: its files, the column with the document,
+    and the column (if any) that says which pass rejected a row."""
+
+    stage: str
+    files: Sequence[str]
+    text_key: str
+    pass_column: str | None = None
+
+
 class OutputDir:
     def __init__(self, uri: str):
         self.uri = uri
@@ -111,23 +121,23 @@ class OutputDir:
         self.fs.create_dir(staging, recursive=True)
         self._swap(staging, self.path("data"))
 
-    def publish_rejects(self, stages: Iterable[tuple[str, Sequence[str], str]]) -> None:
+    def publish_rejects(self, stages: Iterable[RejectSource]) -> None:
         """Every stage's final rejects into ``rejects/stage=<stage>/``.
 
         ``stages``: (stage, files holding its final rejected rows, the column with its text).
         """
         staging = self.path("rejects.partial")
         self._delete(staging)
-        for stage, files, text_key in stages:
+        for stage, files, text_key, pass_column in stages:
             if not files:
                 continue
             data = pads.dataset(list(files), filesystem=self.fs, format="parquet")
-            attempts = f"{stage}_attempts"
+            names = data.schema.names
             columns = {
                 ID: pc.field(ID),
                 "reason": pc.field(REJECT_REASON),
-                "attempts": pc.field(attempts) if attempts in data.schema.names else None,
-                "text": pc.field(text_key) if text_key in data.schema.names else None,
+                "attempts": pc.field(pass_column) if pass_column in names else None,
+                "text": pc.field(text_key) if text_key in names else None,
                 SOURCE: pc.field(SOURCE) if SOURCE in data.schema.names else None,
                 LINE: pc.field(LINE) if LINE in data.schema.names else None,
             }
@@ -236,11 +246,6 @@ class OutputDir:
         with self.fs.open_output_stream(path) as f:
             f.write(json.dumps(manifest, indent=2, default=str).encode("utf-8"))
         return path
-
-    def read_manifest(self) -> dict[str, Any]:
-        with self.fs.open_input_stream(self.path("manifest.json")) as f:
-            manifest: dict[str, Any] = json.loads(f.read())
-        return manifest
 
     # Helpers -------------------------------------------------------------------------------
 

@@ -1,26 +1,94 @@
-"""What every operator has: a name, the columns it reads, the columns it adds, and ``run``.
+"""The stage contract: everything the pipeline knows about a stage is declared here.
 
-``run(ds)`` is lazy and keeps every row: rows that fail carry ``reject_reason``. Counters are
-``_<operator>_<name>`` integer columns; the pipeline sums them into the manifest.
+A stage (``Operator``) declares
+
+- ``input_columns``: the columns it reads and what they must hold (checked before any engine
+  starts), and ``text_key``, the one shown with its rejects;
+- ``output_fields``: the columns it adds, typed, its ``counters`` among them (``_<stage>_<name>``
+  integer columns that the manifest sums);
+- ``resources``: what one of its workers reserves, and how many run;
+- ``settings()``: what its output depends on, so that a resumed run can refuse other ones;
+- ``passes``: how often it goes over rows (a stage that asks again makes one more pass over
+  the rows the pass before rejected), and ``pass_column``, the column that says which pass;
+
+and has a lifecycle: ``check()`` on the driver before Ray starts (a model path that is not
+there), ``prepare(context)`` on the driver once Ray is up and before any stage runs (BM25
+starts building its index there, while the stages before it run), then ``run_pass(ds,
+attempt, context)``, lazy, once per pass. Workers set themselves up once in their actor's
+constructor (an engine, a searcher), then take batch after batch.
+
+A pass never drops a row: every row of ``ds`` comes back with the stage's columns, failures
+carrying ``reject_reason``. ``run(ds)`` runs every pass in memory for Python users; the
+pipeline runs the same passes checkpointed, shard by shard (``rare_ray.runner``).
+
+A new stage is a subclass with those members; ``tests/operators/test_custom_stage.py`` has a
+whole one (a length filter) that runs through the real pipeline.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
-import ray.data
 from pydantic import BaseModel
 
-from rare_ray.config import EngineConfig
-from rare_ray.io.readers import ColumnKind
-from rare_ray.rows import REJECT_REASON
+from rare_ray.config import EngineConfig, OpenAIEngineConfig, output_settings
+from rare_ray.preflight import check_gpus, check_model
+from rare_ray.rows import REJECT_REASON, kept, rejected
+from rare_ray.vocabulary import ColumnKind
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each worker of a stage reserves, and how many workers run (``None``: Ray Data
+    decides, or the stage sizes its pool from the cluster in ``prepare``)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    workers: int | None = None
+
+    def describe(self) -> str:
+        count = "auto" if self.workers is None else str(self.workers)
+        return f"{count} workers x {self.cpus:g} CPU" + (
+            f" + {self.gpus:g} GPU" if self.gpus else ""
+        )
+
+
+def _print(message: str) -> None:
+    print(f"[rare-ray] {message}", flush=True)
+
+
+@dataclass
+class StageContext:
+    """What the driver hands a stage: the corpus (for a stage that needs all of it, like
+    BM25's index, built lazily: only a stage that asks reads it), the cluster's resources,
+    and where to say what it is doing."""
+
+    corpus: Callable[[], ray.data.Dataset]
+    cluster_resources: Mapping[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = _print
+
+    @classmethod
+    def of(cls, ds: ray.data.Dataset) -> StageContext:
+        """The context of an in-memory run: the rows themselves are the corpus."""
+        import ray
+
+        return cls(corpus=lambda: ds, cluster_resources=ray.cluster_resources())
 
 
 class Operator(ABC):
     name: ClassVar[str]
+    # Names of the per-row integer counters this stage writes (as ``_<name>_<counter>``).
+    counters: ClassVar[tuple[str, ...]] = ()
+    # True for a stage that needs the whole corpus besides its rows (``context.corpus``):
+    # the corpus then belongs to the settings a resumed run must not change.
+    reads_corpus: ClassVar[bool] = False
 
     @property
     @abstractmethod
@@ -34,25 +102,75 @@ class Operator(ABC):
 
     @property
     @abstractmethod
-    def output_fields(self) -> Sequence[pa.Field]:
-        """Columns this operator adds (counters included), with their types."""
-
-    @abstractmethod
-    def run(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        """Every row of ``ds`` with this operator's columns, failures marked for rejects."""
+    def own_fields(self) -> Sequence[pa.Field]:
+        """Columns this operator adds, counters aside, with their types."""
 
     @property
-    def attempts(self) -> int:
-        """Passes over the rows: an operator that asks again makes one more pass over the rows
-        that failed the pass before, up to this many. The pipeline checkpoints each pass."""
+    @abstractmethod
+    def resources(self) -> Resources:
+        """What one worker of this stage reserves, and how many run."""
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """What this stage's output depends on, as JSON: a rerun whose settings differ from
+        the ones that made the rows already there is refused (speed knobs stay out)."""
+
+    @abstractmethod
+    def run_pass(
+        self, ds: ray.data.Dataset, attempt: int, context: StageContext
+    ) -> ray.data.Dataset:
+        """One pass, lazy: ``ds`` is the input (attempt 1) or the rows the pass before
+        rejected; every row comes back with this operator's columns."""
+
+    @property
+    def passes(self) -> int:
+        """Passes over the rows; each after the first gets the rows the one before rejected."""
         return 1
 
-    def run_pass(self, ds: ray.data.Dataset, attempt: int) -> ray.data.Dataset:
-        """One pass: ``ds`` is the input (attempt 1) or the rows the pass before rejected."""
-        return self.run(ds)
+    @property
+    def pass_column(self) -> str | None:
+        """The column that records which pass wrote a row (shown with rejects), if any."""
+        return None
+
+    def check(self) -> None:
+        """Driver-side checks that need no Ray (raise ``InputError`` and the like)."""
+        return None
+
+    def prepare(self, context: StageContext) -> None:
+        """Driver-side set-up once Ray is up, before any stage runs; must not block on work
+        that can run in the background (start it and wait for it in ``run_pass``)."""
+        return None
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """What this stage adds to the manifest's top level (e.g. BM25's index)."""
+        return {}
+
+    @property
+    def output_fields(self) -> Sequence[pa.Field]:
+        """Every column this operator adds, counters included."""
+        return [*self.own_fields, *(pa.field(self.counter(c), pa.int32()) for c in self.counters)]
 
     def counter(self, name: str) -> str:
         return f"_{self.name}_{name}"
+
+    def run(self, ds: ray.data.Dataset, context: StageContext | None = None) -> ray.data.Dataset:
+        """Every pass in memory; all rows come back (lazy when there is one pass)."""
+        context = context or StageContext.of(ds)
+        self.prepare(context)
+        done: list[ray.data.Dataset] = []
+        pending = ds
+        for attempt in range(1, self.passes + 1):
+            answered = self.run_pass(pending, attempt, context)
+            if attempt == self.passes:
+                done.append(answered)
+                break
+            # Materialized so that the rows that go on and the ones to redo come from one run.
+            answered = answered.materialize()
+            done.append(answered.map_batches(kept, batch_format="pyarrow"))
+            pending = answered.map_batches(rejected, batch_format="pyarrow")
+            if pending.count() == 0:
+                break
+        return done[0].union(*done[1:]) if len(done) > 1 else done[0]
 
     def with_outputs(
         self,
@@ -92,3 +210,26 @@ class LLMOperator(Operator, Generic[ConfigT]):
         self.engine = engine
         self.config: ConfigT = config or self.config_class(**keys)  # type: ignore[assignment]
         self.seed = seed
+
+    @property
+    def resources(self) -> Resources:
+        engine = self.engine
+        if isinstance(engine, OpenAIEngineConfig):
+            return Resources(cpus=engine.cpus_per_worker, workers=engine.workers)
+        if engine.device == "cpu":
+            return Resources(cpus=engine.cpus_per_replica, workers=engine.replicas)
+        gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        return Resources(cpus=1, gpus=gpus, workers=engine.replicas)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "engine": output_settings(self.engine),
+            self.name: output_settings(self.config),
+        }
+
+    def check(self) -> None:
+        check_model(self.engine.model)
+
+    def prepare(self, context: StageContext) -> None:
+        check_gpus(self.engine, dict(context.cluster_resources))

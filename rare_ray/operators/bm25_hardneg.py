@@ -19,12 +19,12 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from rare_ray.config import BM25Config
+from rare_ray.config import BM25Config, output_settings
 from rare_ray.engines.index_broadcast import IndexBuild, IndexHandle, local_index, prebuilt_index
 from rare_ray.engines.lucene import Hit, LuceneSearcher
-from rare_ray.io.readers import ColumnKind
-from rare_ray.operators.base import Operator
+from rare_ray.operators.base import Operator, Resources, StageContext
 from rare_ray.rows import ID, content_key
+from rare_ray.vocabulary import ColumnKind
 
 SEARCH_LOG = "search.log"
 
@@ -100,8 +100,8 @@ class _HardNegativeMiner:
     def __init__(self, index: IndexHandle, operator: BM25HardNeg, heap: str):
         cfg = operator.config
         self.operator = operator
-        path = local_index(index, cfg.local_dir)
-        self.search_log = path.parent / SEARCH_LOG
+        path = local_index(index, cfg.local_dir, debug_logs=cfg.debug_logs)
+        self.search_log = path.parent / SEARCH_LOG if cfg.debug_logs else None
         self.node_id = ray.get_runtime_context().get_node_id()
         self.searcher = LuceneSearcher(
             path,
@@ -121,9 +121,10 @@ class _HardNegativeMiner:
                 batch[ID].to_pylist(), batch[cfg.input_text_key].to_pylist(), results, strict=True
             )
         ]
-        with self.search_log.open("a") as log:  # one line per batch: where searches ran
-            log.write(json.dumps({"node_id": self.node_id, "pid": os.getpid(), "rows": len(mined)}))
-            log.write("\n")
+        if self.search_log is not None:  # one line per batch: where searches ran
+            record = {"node_id": self.node_id, "pid": os.getpid(), "rows": len(mined)}
+            with self.search_log.open("a") as log:
+                log.write(json.dumps(record) + "\n")
         return self.operator.to_columns(batch, mined)
 
 
@@ -131,12 +132,17 @@ class BM25HardNeg(Operator):
     """Mines ``num_neg`` BM25 hard negatives per question from the whole corpus."""
 
     name = "bm25"
+    counters = ("short",)
+    reads_corpus = True
 
     def __init__(self, config: BM25Config | None = None, **keys: Any):
         self.config = config or BM25Config(**keys)
         key = self.config.output_negatives_key
         self.ids_column = f"{key}_ids"
         self.scores_column = f"{key}_scores"
+        self._build: IndexBuild | None = None
+        self.index: IndexHandle | None = None
+        self._plan: SearcherPlan | None = None
 
     @property
     def input_columns(self) -> Mapping[str, ColumnKind]:
@@ -147,27 +153,55 @@ class BM25HardNeg(Operator):
         return self.config.input_text_key
 
     @property
-    def output_fields(self) -> Sequence[pa.Field]:
+    def own_fields(self) -> Sequence[pa.Field]:
         return [
             pa.field(self.config.output_negatives_key, pa.list_(pa.string())),
             pa.field(self.ids_column, pa.list_(pa.string())),
             pa.field(self.scores_column, pa.list_(pa.float32())),
             pa.field("positive_rank", pa.int32()),
-            pa.field(self.counter("short"), pa.int32()),
         ]
 
-    def start_index(self, corpus: ray.data.Dataset) -> IndexBuild:
-        """Start indexing ``corpus`` in its own actor, and return at once.
+    @property
+    def resources(self) -> Resources:
+        """One searcher actor per ``cpus_per_searcher`` CPUs; the pool is sized in ``prepare``."""
+        return Resources(
+            cpus=self.config.cpus_per_searcher,
+            workers=self._plan.total if self._plan else None,
+        )
 
-        The build runs while the caller goes on (the pipeline runs Doc2Query meanwhile).
+    def settings(self) -> dict[str, Any]:
+        return {"bm25": output_settings(self.config)}
+
+    def prepare(self, context: StageContext) -> None:
+        """Starts indexing the corpus in its own actor, and returns at once.
+
+        The build runs while the stages before this one run; ``run_pass`` waits for it.
         """
         cfg = self.config
+        self._plan = self.plan(ray.nodes())
         if cfg.prebuilt_index:
-            return IndexBuild.of(prebuilt_index(cfg.prebuilt_index))
-        return IndexBuild.start(
-            corpus, cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
+            self._build = IndexBuild.of(prebuilt_index(cfg.prebuilt_index))
+            return
+        context.log("building the BM25 index in the background")
+        self._build = IndexBuild.start(
+            context.corpus(), cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
             heap=cfg.heap_per_searcher or "2g", share_uri=cfg.share_uri,
         )  # fmt: skip
+
+    def wait_for_index(self, context: StageContext) -> IndexHandle:
+        """The index ``prepare`` started, once it is built."""
+        if self._build is None:
+            raise RuntimeError("BM25HardNeg.prepare(context) must run before its index is used")
+        if self.index is None:
+            self.index = self._build.result()
+            context.log(
+                f"BM25 index ready: {self.index.num_docs} documents in "
+                f"{self.index.build_seconds:.1f} s"
+            )
+        return self.index
+
+    def manifest_entries(self) -> dict[str, Any]:
+        return {"index": self.index.describe() if self.index else None}
 
     def plan(self, nodes: list[dict[str, Any]]) -> SearcherPlan:
         """The searcher pool this operator would start on a cluster of ``nodes``."""
@@ -187,23 +221,19 @@ class BM25HardNeg(Operator):
             [None] * batch.num_rows,
         )
 
-    def run(
-        self,
-        ds: ray.data.Dataset,
-        index: IndexHandle | None = None,
-        corpus: ray.data.Dataset | None = None,
+    def run_pass(
+        self, ds: ray.data.Dataset, attempt: int, context: StageContext
     ) -> ray.data.Dataset:
-        """Mine negatives for ``ds``; the index is built from ``corpus`` (default: ``ds``)."""
-        if index is None:
-            index = self.start_index(corpus if corpus is not None else ds).result()
+        """Mines negatives for ``ds`` once the index that ``prepare`` started is ready."""
+        index = self.wait_for_index(context)
+        self._plan = plan = self.plan(ray.nodes())  # again: nodes may have come or gone since
         cfg = self.config
-        plan = self.plan(ray.nodes())
         return ds.map_batches(
             _HardNegativeMiner,
             fn_constructor_kwargs={"index": index, "operator": self, "heap": plan.heap},
             # A fixed pool spread over the nodes: every node's CPUs add query throughput.
             compute=ray.data.ActorPoolStrategy(size=plan.total),
-            num_cpus=cfg.cpus_per_searcher,
+            num_cpus=self.resources.cpus,
             ray_remote_args_fn=_spread_over_nodes,
             max_restarts=cfg.max_restarts,
             max_task_retries=cfg.max_restarts,

@@ -17,20 +17,20 @@ import pyarrow as pa
 import ray.data
 
 from rare_ray.config import Doc2QueryConfig
-from rare_ray.engines.llm import (
+from rare_ray.engines import generate
+from rare_ray.engines.contract import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
     INFERENCE_ERROR,
     TRUNCATED,
     Fit,
     Messages,
-    generate,
     json_schema_sampling,
 )
-from rare_ray.io.readers import ColumnKind
-from rare_ray.operators.base import LLMOperator
-from rare_ray.rows import ID, REJECT_REASON, kept, rejected
+from rare_ray.operators.base import LLMOperator, StageContext
+from rare_ray.rows import ID, REJECT_REASON
 from rare_ray.seeding import row_seed
+from rare_ray.vocabulary import ColumnKind
 
 SYSTEM_PROMPT = (
     "You write exam questions for training reasoning models. Each question is grounded in the "
@@ -84,6 +84,7 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
 
     name = "doc2query"
     config_class = Doc2QueryConfig
+    counters = ("truncated", "reasked")
     attempts_column = f"{name}_attempts"
 
     @property
@@ -95,14 +96,20 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         return self.config.input_key
 
     @property
-    def output_fields(self) -> Sequence[pa.Field]:
+    def own_fields(self) -> Sequence[pa.Field]:
         return [
             pa.field(self.config.output_question_key, pa.string()),
             pa.field(self.config.output_scenario_key, pa.string()),
             pa.field(self.attempts_column, pa.int32()),
-            pa.field(self.counter("truncated"), pa.int32()),
-            pa.field(self.counter("reasked"), pa.int32()),
         ]
+
+    @property
+    def passes(self) -> int:
+        return self.config.max_attempts
+
+    @property
+    def pass_column(self) -> str:
+        return self.attempts_column
 
     def render(self, row: dict[str, Any], fit: Fit, attempt: int) -> tuple[Messages, dict]:
         cfg = self.config
@@ -154,11 +161,9 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
             reasons,
         )
 
-    @property
-    def attempts(self) -> int:
-        return self.config.max_attempts
-
-    def run_pass(self, ds: ray.data.Dataset, attempt: int) -> ray.data.Dataset:
+    def run_pass(
+        self, ds: ray.data.Dataset, attempt: int, context: StageContext
+    ) -> ray.data.Dataset:
         """One ask per row of ``ds`` (for ``attempt`` > 1, the rows whose answer failed)."""
         ours = {f.name for f in self.output_fields}
         columns = [
@@ -169,19 +174,3 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         return generate(
             ds.select_columns(columns), self.engine, functools.partial(self.render, attempt=attempt)
         ).map_batches(functools.partial(self.parse, attempt=attempt), batch_format="pyarrow")
-
-    def run(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        """Every attempt in memory, asking again for the rows that failed (all rows come back).
-
-        The pipeline runs the attempts as checkpointed passes instead (``run_pass``).
-        """
-        pending, done = ds, []
-        for attempt in range(1, self.attempts + 1):
-            # Materialized so that the good rows and the ones to re-ask come from one run.
-            answered = self.run_pass(pending, attempt).materialize()
-            done.append(answered.map_batches(kept, batch_format="pyarrow"))
-            pending = answered.map_batches(rejected, batch_format="pyarrow")
-            if attempt == self.attempts or pending.count() == 0:
-                done.append(pending)
-                break
-        return done[0].union(*done[1:])

@@ -17,19 +17,19 @@ import pyarrow as pa
 import ray.data
 
 from rare_ray.config import ReasonDistillConfig
-from rare_ray.engines.llm import (
+from rare_ray.engines import generate
+from rare_ray.engines.contract import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
     INFERENCE_ERROR,
     TRUNCATED,
     Fit,
     Messages,
-    generate,
 )
-from rare_ray.io.readers import ColumnKind
-from rare_ray.operators.base import LLMOperator
+from rare_ray.operators.base import LLMOperator, StageContext
 from rare_ray.rows import ID
 from rare_ray.seeding import row_rng, row_seed
+from rare_ray.vocabulary import ColumnKind
 
 SYSTEM_PROMPT = (
     "You are an expert who answers questions by reasoning carefully over retrieved documents. "
@@ -74,6 +74,7 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
 
     name = "distill"
     config_class = ReasonDistillConfig
+    counters = ("truncated", "unfinished")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -96,7 +97,7 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         return self.config.input_text_key
 
     @property
-    def output_fields(self) -> Sequence[pa.Field]:
+    def own_fields(self) -> Sequence[pa.Field]:
         return [
             pa.field("document_order", pa.list_(pa.int32())),
             pa.field("positive_document", pa.int32()),
@@ -104,8 +105,6 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
             pa.field(self.think_column, pa.string()),
             pa.field(self.answer_column, pa.string()),
             pa.field(self.finished_column, pa.bool_()),
-            pa.field(self.counter("truncated"), pa.int32()),
-            pa.field(self.counter("unfinished"), pa.int32()),
         ]
 
     def documents(self, row: dict[str, Any]) -> list[str]:
@@ -158,7 +157,9 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         outputs[self.counter("truncated")] = batch[TRUNCATED].to_pylist()
         return self.with_outputs(batch, outputs, reasons)
 
-    def run(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+    def run_pass(
+        self, ds: ray.data.Dataset, attempt: int, context: StageContext
+    ) -> ray.data.Dataset:
         return generate(ds, self.engine, self.render).map_batches(
             self.parse, batch_format="pyarrow"
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LOCAL_CONFIG, REPO
+from tests.helpers import LOCAL_CONFIG, REPO
 
 
 def _small_config(tmp_path: Path, test_model: Path) -> Path:

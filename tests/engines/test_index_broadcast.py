@@ -8,7 +8,7 @@ import ray
 
 from rare_ray.engines.index_broadcast import UNPACK_LOG, IndexBuild, local_index, prebuilt_index
 from rare_ray.engines.lucene import LuceneSearcher
-from tests.conftest import sample_rows
+from tests.helpers import sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_same_corpus_in_another_order_has_the_same_fingerprint(ray_local, built)
 def test_concurrent_callers_on_a_node_unpack_once(built, tmp_path):
     paths = []
     threads = [
-        threading.Thread(target=lambda: paths.append(local_index(built, tmp_path)))
+        threading.Thread(target=lambda: paths.append(local_index(built, tmp_path, debug_logs=True)))
         for _ in range(4)
     ]
     for t in threads:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -35,38 +34,19 @@ from rare_ray.config import (
     SamplingConfig,
     VLLMEngineConfig,
 )
-from rare_ray.engines.llm import (
+from rare_ray.engines import generate
+from rare_ray.engines.contract import (
     GENERATED_TEXT,
     GENERATED_TOKENS,
     INFERENCE_ERROR,
     TRUNCATED,
-    generate,
     json_schema_sampling,
 )
-from rare_ray.engines.openai_http import OpenAIWorker, _CharBudget, _Secret, request_body
+from rare_ray.engines.openai_http import CharBudget, OpenAIWorker, request_body
 from rare_ray.operators import Doc2Query, ReasonDistill
 from rare_ray.operators.doc2query import parse_answer
-from tests.conftest import REPO, sample_rows
-from tests.engines.conftest import Reply, ScriptedServer, answer, failure
-
-KEY_ENV = "RARE_RAY_TEST_API_KEY"
-# A fresh key per session: it must reach the server and nothing else.
-KEY = "sk-test-" + secrets.token_hex(16)
-
-
-def engine_for(base_url: str, **overrides: Any) -> OpenAIEngineConfig:
-    settings: dict[str, Any] = {
-        "kind": "openai",
-        "base_url": base_url,
-        "model": "test",
-        "api_key_env": KEY_ENV,
-        "max_retries": 3,
-        "backoff_base_s": 0.01,
-        "backoff_max_s": 0.05,
-        "timeout_s": 30,
-        **overrides,
-    }
-    return OpenAIEngineConfig.model_validate(settings)
+from tests.helpers import REPO, sample_rows
+from tests.scripted_server import KEY, KEY_ENV, Reply, ScriptedServer, answer, engine_for, failure
 
 
 def render(row: dict[str, Any], fit: Callable[[str, int], str]) -> tuple[list, dict]:
@@ -81,12 +61,6 @@ def run_batch(engine: OpenAIEngineConfig, texts: list[str]) -> list[dict[str, An
     assert out.schema.field(TRUNCATED).type == pa.int32()
     assert out.schema.field(INFERENCE_ERROR).type == pa.string()
     return out.to_pylist()
-
-
-@pytest.fixture
-def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    return KEY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +144,7 @@ def test_the_key_never_reaches_an_error_text(api_key: str) -> None:
         [row] = run_batch(engine_for(server.base_url), ["doc"])
     assert len(server.requests) == 1
     assert row[INFERENCE_ERROR] == "HTTP 401: bad key Bearer <redacted>"
-    assert KEY not in repr(_Secret(KEY)) and KEY not in str(_Secret(KEY))
+    assert KEY not in repr(pydantic.SecretStr(KEY)) and KEY not in str(pydantic.SecretStr(KEY))
 
 
 def test_a_missing_key_stops_the_worker_and_null_sends_none(
@@ -180,7 +154,9 @@ def test_a_missing_key_stops_the_worker_and_null_sends_none(
     with pytest.raises(RuntimeError, match=KEY_ENV):
         OpenAIWorker(engine_for("http://127.0.0.1:1/v1"), render)
     # Handed over from the driver when the worker's environment lacks it.
-    worker = OpenAIWorker(engine_for("http://127.0.0.1:1/v1"), render, _Secret("from-driver"))
+    worker = OpenAIWorker(
+        engine_for("http://127.0.0.1:1/v1"), render, pydantic.SecretStr("from-driver")
+    )
     assert worker._headers["Authorization"] == "Bearer from-driver"
     with ScriptedServer([answer()]) as server:
         run_batch(engine_for(server.base_url, api_key_env=None), ["doc"])
@@ -223,7 +199,7 @@ def test_request_body_translates_the_operators_sampling() -> None:
 
 
 def test_documents_are_cut_to_their_budget(api_key: str, test_model: Path) -> None:
-    fit = _CharBudget(3.0)
+    fit = CharBudget(3.0)
     assert fit("short", 8) == "short" and fit.truncated == 0
     cut = fit("word " * 100, 8)
     assert len(cut) <= 24 and fit.truncated == 1

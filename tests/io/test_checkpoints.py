@@ -17,6 +17,7 @@ from rare_ray.io.checkpoints import (
     write_parts,
 )
 from rare_ray.io.writers import OutputDir
+from tests.helpers import stage_settings
 
 
 def _rows(ids, shard, reasons=None):
@@ -93,7 +94,7 @@ def test_stage_settings_leave_out_what_only_changes_speed():
          "bm25": {"searchers_per_node": 16}}
     )  # fmt: skip
     for stage in ("ingest", "doc2query", "bm25", "distill"):
-        assert slow.stage_settings(stage) == fast.stage_settings(stage)
+        assert stage_settings(slow, stage) == stage_settings(fast, stage)
     hotter = RunConfig.model_validate({**base, "seed": 1})
-    assert hotter.stage_settings("doc2query") != slow.stage_settings("doc2query")
-    assert hotter.stage_settings("bm25") == slow.stage_settings("bm25")
+    assert stage_settings(hotter, "doc2query") != stage_settings(slow, "doc2query")
+    assert stage_settings(hotter, "bm25") == stage_settings(slow, "bm25")

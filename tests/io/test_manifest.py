@@ -1,4 +1,4 @@
-from rare_ray.io.manifest import REDACTED, redact
+from rare_ray.vocabulary import REDACTED, redact
 
 
 def test_secrets_are_redacted_and_nothing_else():

@@ -8,7 +8,7 @@ import pytest
 
 from rare_ray.io.readers import InputError, check_input, read_documents
 from rare_ray.rows import content_key
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 TEXT = {"text": "text"}
 

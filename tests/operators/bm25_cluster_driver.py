@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 
 from rare_ray.config import BM25Config
 from rare_ray.operators import BM25HardNeg
-from tests.conftest import sample_questions, sample_rows
+from tests.helpers import sample_questions, sample_rows
 
 NODES = 3
 CPUS_PER_NODE = 2
@@ -42,6 +42,7 @@ def main(mode: str, local_root: str, out_path: str) -> None:
         cpus_per_searcher=1,
         heap_per_searcher="512m",
         batch_size=32,
+        debug_logs=True,
     )
     rows = BM25HardNeg(config).run(ray.data.from_items(table)).take_all()
     result = {

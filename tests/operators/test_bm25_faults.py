@@ -12,7 +12,7 @@ import ray
 from rare_ray.config import BM25Config
 from rare_ray.operators import BM25HardNeg
 from rare_ray.operators.bm25_hardneg import SEARCH_LOG
-from tests.conftest import sample_questions, sample_rows
+from tests.helpers import sample_questions, sample_rows
 
 
 def _kill_first_searcher(log_path, killed: list[int], deadline: float) -> None:
@@ -31,15 +31,16 @@ def test_killed_searcher_is_replaced_and_every_row_mined_once(ray_local, tmp_pat
         {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
         for q in sample_questions()
     ]
-    config = BM25Config(local_dir=str(tmp_path), searchers_per_node=2, batch_size=8)
+    config = BM25Config(
+        local_dir=str(tmp_path), searchers_per_node=2, batch_size=8, debug_logs=True
+    )
     op = BM25HardNeg(config)
-    index = op.start_index(ray.data.from_items(table)).result()
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_first_searcher, args=(tmp_path / SEARCH_LOG, killed, time.monotonic() + 300)
     )
     killer.start()
-    rows = op.run(ray.data.from_items(table), index=index).take_all()
+    rows = op.run(ray.data.from_items(table)).take_all()
     killer.join()
     assert killed, "no searcher was killed: the test did not test anything"
     assert len(rows) == len(table)

@@ -10,7 +10,7 @@ from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.operators import BM25HardNeg
 from rare_ray.operators.bm25_hardneg import select_negatives
 from rare_ray.rows import content_key
-from tests.conftest import sample_questions, sample_rows
+from tests.helpers import sample_questions, sample_rows
 
 
 @pytest.fixture(scope="module")

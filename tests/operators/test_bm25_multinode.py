@@ -14,7 +14,7 @@ import pytest
 
 from rare_ray.engines.index_broadcast import UNPACK_LOG
 from rare_ray.operators.bm25_hardneg import SEARCH_LOG
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.operators.bm25_cluster_driver import NODES
 
 

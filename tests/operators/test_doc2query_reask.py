@@ -11,9 +11,7 @@ from collections import Counter
 import ray
 
 from rare_ray.operators import Doc2Query
-from tests.engines.test_openai_http import ScriptedServer, answer, api_key, engine_for
-
-__all__ = ["api_key"]  # the fixture, imported for pytest
+from tests.scripted_server import ScriptedServer, answer, engine_for
 
 GOOD = json.dumps({"question": "Why does it matter?", "scenario": "A clinic decides."})
 

@@ -3,7 +3,7 @@
 import pyarrow as pa
 
 from rare_ray.config import VLLMEngineConfig
-from rare_ray.engines.llm import GENERATED_TEXT, GENERATED_TOKENS, INFERENCE_ERROR, TRUNCATED
+from rare_ray.engines.contract import GENERATED_TEXT, GENERATED_TOKENS, INFERENCE_ERROR, TRUNCATED
 from rare_ray.operators.reason_distill import ReasonDistill, document_order, split_thinking
 
 ENGINE = VLLMEngineConfig(model="unused", seed_requests=False)

@@ -1,21 +1,46 @@
-"""Helpers for the HTTP engine's tests: a scripted chat-completions server.
+"""A scripted chat-completions server, and an HTTP engine config that points at one.
 
 ``ScriptedServer`` is a test double for an OpenAI-compatible API (stdlib http.server on
 127.0.0.1, in a thread): it answers from a script or a function of the request and records
 every request it got, headers included. It stands in for hosted APIs, which cannot be reached
 from a test, and for server behaviour a real server cannot be made to show on demand (429s,
 500s, malformed bodies, an error that echoes the key).
+
+``engine_for(base_url)`` is the HTTP engine's config for such a server, reading its key from
+``KEY_ENV``; tests/conftest.py's ``api_key`` fixture sets that variable to ``KEY``.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from rare_ray.config import OpenAIEngineConfig
+
 Reply = tuple[int, dict[str, str], Any]
+
+KEY_ENV = "RARE_RAY_TEST_API_KEY"
+# A fresh key per session: it must reach the server and nothing else.
+KEY = "sk-test-" + secrets.token_hex(16)
+
+
+def engine_for(base_url: str, **overrides: Any) -> OpenAIEngineConfig:
+    settings: dict[str, Any] = {
+        "kind": "openai",
+        "base_url": base_url,
+        "model": "test",
+        "api_key_env": KEY_ENV,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "timeout_s": 30,
+        **overrides,
+    }
+    return OpenAIEngineConfig.model_validate(settings)
 
 
 def answer(text: str = "fine", tokens: int | None = 3, finish: str = "stop") -> Reply:

@@ -1,62 +1,33 @@
-"""Batch generation: in-cluster vLLM through ``ray.data.llm``, or an OpenAI-compatible API.
+"""The in-cluster vLLM backend, through ``ray.data.llm``.
 
-An operator describes each request with a function ``render(row, fit) -> (messages, sampling)``,
-where ``fit(text, max_tokens)`` truncates a document to a token budget with the model's own
-tokenizer. ``generate`` runs it on the engine the config names (``engine.kind``): for ``vllm``
-this module turns it into a ``ray.data.llm`` processor; for ``openai``,
-``rare_ray.engines.openai_http`` sends it to the server. Either way every input row comes back
-with its own columns plus ``_generated_text``, ``_generated_tokens`` (a response cut off at
-``max_tokens`` counts at least ``max_tokens``), ``_inference_error`` (null, or why the request
-failed) and ``_truncated`` (documents cut to fit).
+``generate(ds, engine, render)`` renders each row (``render_batch``: chat template and prompt
+tokens, next to the renderer's tokenizer), runs the prompts through a ``ray.data.llm`` vLLM
+processor built from ``processor_config(engine)``, and gives back the columns of
+``rare_ray.engines.contract``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
 import ray.data
 
-from rare_ray.config import EngineConfig, OpenAIEngineConfig, VLLMEngineConfig
+from rare_ray.config import VLLMEngineConfig
+from rare_ray.engines.contract import (
+    TRUNCATED,
+    Render,
+    TokenBudget,
+    load_tokenizer,
+    with_results,
+)
 
-Messages = list[dict[str, str]]
-Fit = Callable[[str, int], str]
-Render = Callable[[dict[str, Any], Fit], tuple[Messages, dict[str, Any]]]
-
-GENERATED_TEXT = "_generated_text"
-GENERATED_TOKENS = "_generated_tokens"
-INFERENCE_ERROR = "_inference_error"
-TRUNCATED = "_truncated"
 PROMPT_TOKENS = "tokenized_prompt"  # what ray.data.llm's engine stage takes as the prompt
+ENGINE_STAGE = "vLLMEngineStage"  # the engine stage's name in the processor's stages
 
 
-@lru_cache(maxsize=4)
-def load_tokenizer(model: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model)
-
-
-class TokenBudget:
-    """Truncates documents to a token budget; counts how many it had to cut."""
-
-    def __init__(self, model: str):
-        self.tokenizer = load_tokenizer(model)
-        self.truncated = 0
-
-    def __call__(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= max_tokens:
-            return text
-        self.truncated += 1
-        return self.tokenizer.decode(ids[:max_tokens])
-
-
-def _render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
+def render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
     """Each row's request, ready for the engine: the prompt as token ids, sampling parameters.
 
     The chat template and the tokenizer run here, next to the renderer that already holds the
@@ -85,15 +56,14 @@ def _project(batch: pa.Table, keep: pa.Schema) -> pa.Table:
     The processor passes rows through Python dicts, which widens types (int32 to int64,
     float32 to double): the input columns get their own types back.
     """
+    inputs = pa.table({f.name: batch[f.name].cast(f.type) for f in keep})
     errors = batch["__inference_error__"].to_pylist()
-    return pa.table(
-        {
-            **{f.name: batch[f.name].cast(f.type) for f in keep},
-            TRUNCATED: batch[TRUNCATED],
-            GENERATED_TEXT: batch["generated_text"].cast(pa.string()),
-            GENERATED_TOKENS: batch["num_generated_tokens"].cast(pa.int32()),
-            INFERENCE_ERROR: pa.array([e or None for e in errors], pa.string()),
-        }
+    return with_results(
+        inputs,
+        truncated=batch[TRUNCATED],
+        text=batch["generated_text"],
+        tokens=batch["num_generated_tokens"],
+        errors=[e or None for e in errors],
     )
 
 
@@ -127,7 +97,7 @@ def processor_config(engine: VLLMEngineConfig) -> Any:
         should_continue_on_error=True,
         # Engine metrics need ray[serve]; the manifest records what we need.
         log_engine_metrics=False,
-        # _render_batch applies the chat template and tokenizes; vLLM detokenizes its output
+        # render_batch applies the chat template and tokenizes; vLLM detokenizes its output
         # itself. Three more actor stages would only repeat that work on the engine's CPUs.
         chat_template_stage=False,
         tokenize_stage=False,
@@ -136,38 +106,47 @@ def processor_config(engine: VLLMEngineConfig) -> Any:
     )
 
 
-def generate(ds: ray.data.Dataset, engine: EngineConfig, render: Render) -> ray.data.Dataset:
-    """Run one request per row of ``ds``; every input row comes back, with its generation."""
-    if isinstance(engine, OpenAIEngineConfig):
-        from rare_ray.engines import openai_http
+def _build_processor(engine: VLLMEngineConfig) -> Any:
+    """The ``ray.data.llm`` processor, its engine actors' restarts and retries bounded.
 
-        return openai_http.generate(ds, engine, render)
+    ``ray.data.llm`` leaves engine actors to Ray Data's defaults: restarted forever, their
+    batches retried forever, so an engine that dies on every request loops. Neither the
+    processor config nor the engine stage's config has a field for them in Ray 2.60, so they go
+    in through Ray's own stage hook, ``override_stage_config_fn(name, stage)`` of
+    ``ProcessorBuilder.build`` (ray/llm/_internal/batch/processor/base.py), called on every
+    stage as the processor is built. The public ``ray.data.llm.build_processor``
+    (ray/data/llm.py) is that same call without the hook in its signature.
+    """
+    from ray.llm._internal.batch.processor import ProcessorBuilder
 
-    from ray.data.llm import build_processor
+    bounded: list[str] = []
 
-    keep = ds.schema().base_schema
-    processor = build_processor(processor_config(engine))
-    # ray.data.llm leaves engine actors to Ray Data's defaults: restarted forever, their
-    # batches retried forever, so an engine that dies on every request loops. Bound both.
-    engine_stage = processor.get_stage_by_name("vLLMEngineStage")
-    engine_stage.map_batches_kwargs.update(
-        max_restarts=engine.max_restarts, max_task_retries=engine.max_restarts
+    def bound_restarts(name: str, stage: Any) -> None:
+        if name == ENGINE_STAGE:
+            stage.map_batches_kwargs.update(
+                max_restarts=engine.max_restarts, max_task_retries=engine.max_restarts
+            )
+            bounded.append(name)
+
+    processor = ProcessorBuilder.build(
+        processor_config(engine), override_stage_config_fn=bound_restarts
     )
+    if not bounded:  # a renamed stage must not quietly bring back endless restarts
+        raise RuntimeError(f"ray.data.llm built no {ENGINE_STAGE} to bound the restarts of")
+    return processor
+
+
+def generate(ds: ray.data.Dataset, engine: VLLMEngineConfig, render: Render) -> ray.data.Dataset:
+    """Run one request per row of ``ds``; every input row comes back, with its generation."""
+    keep = ds.schema().base_schema
+    processor = _build_processor(engine)
     # Blocks of one engine batch each: Ray Data then keeps max_concurrent_batches of them in
     # flight per engine. One big block would reach the engine a batch at a time.
     prompts = ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(
-        functools.partial(_render_batch, model=engine.model, render=render),
+        functools.partial(render_batch, model=engine.model, render=render),
         batch_format="pyarrow",
         batch_size=engine.batch_size,
     )
     return processor(prompts).map_batches(
         functools.partial(_project, keep=keep), batch_format="pyarrow"
     )
-
-
-def json_schema_sampling(schema: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
-    """Sampling parameters that constrain the answer to ``schema`` (vLLM structured outputs).
-
-    The OpenAI engine sends the same schema as ``response_format`` (``engine.structured_outputs``).
-    """
-    return {**sampling, "structured_outputs": {"json": json.dumps(schema)}}
