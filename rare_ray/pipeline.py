@@ -1,11 +1,15 @@
-"""The RARE job: ingest, then Doc2Query -> BM25HardNeg -> ReasonDistill, each checkpointed.
+"""The RARE job: ingest, then the stages in order (Doc2Query -> BM25HardNeg -> ReasonDistill),
+each checkpointed; then publishing and the manifest.
 
-Each stage reads the kept rows of the stage before it from Parquet and writes all of its own
-rows back, shard by shard (``rare_ray.io.checkpoints``), so an LLM stage has the cluster's
-accelerators to itself, a later stage never holds a reference into an earlier one's execution,
-and a rerun picks up at the first shard that was not committed. The BM25 index is built on CPUs by its own
-actor while Doc2Query runs. Any subset of the stages can run (in this order), which is how
-each operator also runs alone.
+The pipeline drives every stage through the ``Operator`` contract alone
+(``rare_ray.operators.base``): it checks their columns and settings before Ray starts, lets
+every stage with work left ``prepare`` before the first runs (so BM25's index builds on CPUs
+while Doc2Query generates), then runs each stage's passes with ``rare_ray.runner``. Each stage
+reads the kept rows of the stage before it from Parquet and writes all of its own rows back,
+shard by shard (``rare_ray.io.checkpoints``), so an LLM stage has the cluster's accelerators to
+itself, a later stage never holds a reference into an earlier one's execution, and a rerun
+picks up at the first shard that was not committed. Any subset of the stages can run (in
+order), which is how each operator also runs alone; ``run_operators`` runs any operators.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from rare_ray.io.readers import check_input, input_listing, read_documents
 from rare_ray.io.writers import OutputDir, RejectSource
 from rare_ray.operators import Operator, StageContext, build_operators
 from rare_ray.rows import kept
-from rare_ray.runner import Source, run_pass
+from rare_ray.runner import Source, run_stage
 from rare_ray.vocabulary import ALL_STAGES, INGEST, ReconciliationError, StageName, redact
 
 
@@ -100,19 +104,7 @@ def run_operators(
     started = started or datetime.now(UTC)
     out = OutputDir(config.output)
     ckpt = out.checkpoints
-
-    # Everything that can be checked without an engine is checked before one starts.
-    out.check_writable()
-    required = dict(operators[0].input_columns)
-    check_input(config.input, required, config.id_key)
-    for op in operators:
-        op.check()
-    if corpus is not None:
-        check_input(corpus, {"text": "text"}, config.id_key)
-    settings = stage_settings(config, operators, corpus)
-    if fresh:
-        out.clear()
-    ckpt.check_settings(settings)
+    settings = _preflight(config, operators, corpus, out, fresh)
 
     init_ray(config.ray)
     if config.limit is not None:
@@ -125,9 +117,9 @@ def run_operators(
         _log(f"ingest: complete in {config.output}, resuming after it")
     else:
         _log(f"reading {config.input}")
-        documents = read_documents(
-            config.input, required, config.id_key, config.limit, id_from=operators[0].text_key
-        )
+        required = dict(operators[0].input_columns)
+        id_from = operators[0].text_key
+        documents = read_documents(config.input, required, config.id_key, config.limit, id_from)
         ckpt.write_ingest(documents, config.checkpoint.shard_rows)
         ckpt.record_settings(INGEST, settings[INGEST])
     timings[INGEST] = time.perf_counter() - t
@@ -148,56 +140,14 @@ def run_operators(
     for op in operators:
         t = time.perf_counter()
         ckpt.record_settings(op.name, settings[op.name])
-        for attempt in range(1, op.passes + 1):
-            step = ckpt.pass_of(op.name, attempt)
-            label = op.name if attempt == 1 else f"{op.name} (attempt {attempt})"
-            if step.complete():
-                _log(f"{label}: complete, skipped")
-            else:
-                _log(f"{label}: starting ({op.resources.describe()})")
-                process = functools.partial(op.run_pass, attempt=attempt, context=context)
-                done = run_pass(step, source, process, op, config.checkpoint.max_failed_batches)
-                failed = done["failed_rows"]
-                _log(
-                    f"{label}: {done['rows']} rows in {done['run']} shards, "
-                    f"{done['skipped']} shards committed before"
-                    + (f"; {failed} rows of failed batches rejected" if failed else "")
-                )
-            source = Source((step,), "rejected")
+        source = run_stage(ckpt, op, source, context, config.checkpoint.max_failed_batches)
         timings[op.name] = time.perf_counter() - t
-        counts = ckpt.counts(op.name, op.passes)
-        _log(
-            f"stage {op.name}: {counts['out']} kept, {counts['rejected']} rejected "
-            f"({timings[op.name]:.1f} s)"
-        )
-        source = Source(tuple(ckpt.passes(op.name, op.passes)), "kept")
 
     t = time.perf_counter()
-    last = operators[-1]
-    everything = list(ingest.committed())
-    out.publish_data(
-        ckpt.kept_files(last.name, last.passes, everything),
-        config.output_layout.validation_fraction,
-    )
-    out.publish_rejects(
-        [
-            RejectSource(INGEST, ingest.files(everything), operators[0].text_key),
-            *(
-                RejectSource(
-                    op.name,
-                    ckpt.pass_of(op.name, op.passes).files(everything),
-                    op.text_key,
-                    op.pass_column,
-                )
-                for op in operators
-            ),
-        ]
-    )
+    shards = list(ingest.committed())
+    _publish(out, operators, shards, config.output_layout.validation_fraction)
     timings["publish"] = time.perf_counter() - t
 
-    entries: dict[str, Any] = {}
-    for op in operators:
-        entries.update(op.manifest_entries())
     manifest = {
         "rare_ray_version": versions()["rare-ray"],
         "started_at": started.isoformat(),
@@ -207,15 +157,58 @@ def run_operators(
         "stages_run": [op.name for op in operators],
         "engine": config.engine.model_dump(include={"kind", "model", "device"}),
         "versions": versions(),
-        **entries,
-        "shards": len(everything),
+        **{k: v for op in operators for k, v in op.manifest_entries().items()},
+        "shards": len(shards),
         "counts": _reconcile(out, operators),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "config": redact(config.model_dump(mode="json")),
     }
-    path = out.write_manifest(manifest)
-    _log(f"manifest: {path}")
+    _log(f"manifest: {out.write_manifest(manifest)}")
     return manifest
+
+
+def _preflight(
+    config: RunConfig,
+    operators: Sequence[Operator],
+    corpus: str | None,
+    out: OutputDir,
+    fresh: bool,
+) -> dict[str, dict[str, Any]]:
+    """Everything that can be checked without Ray or an engine; returns the stages' settings."""
+    out.check_writable()
+    check_input(config.input, dict(operators[0].input_columns), config.id_key)
+    for op in operators:
+        op.check()
+    if corpus is not None:
+        check_input(corpus, {"text": "text"}, config.id_key)
+    settings = stage_settings(config, operators, corpus)
+    if fresh:
+        out.clear()
+    out.checkpoints.check_settings(settings)
+    return settings
+
+
+def _publish(
+    out: OutputDir, operators: Sequence[Operator], shards: list[int], validation_fraction: float
+) -> None:
+    """The last stage's kept rows into data/, every stage's final rejects into rejects/."""
+    ckpt, last = out.checkpoints, operators[-1]
+    out.publish_data(ckpt.kept_files(last.name, last.passes, shards), validation_fraction)
+    ingest = ckpt.pass_of(INGEST)
+    out.publish_rejects(
+        [
+            RejectSource(INGEST, ingest.files(shards), operators[0].text_key),
+            *(
+                RejectSource(
+                    op.name,
+                    ckpt.pass_of(op.name, op.passes).files(shards),
+                    op.text_key,
+                    op.pass_column,
+                )
+                for op in operators
+            ),
+        ]
+    )
 
 
 def _corpus(source: Source, corpus: str | None, operators: Sequence[Operator]) -> ray.data.Dataset:

@@ -1,4 +1,4 @@
-"""Runs one pass of a stage over the shards it has not committed yet.
+"""Runs a stage pass by pass, each over the shards it has not committed yet.
 
 The rows stream from the operator into part files (written by the Ray tasks that made them);
 the driver commits each shard as soon as all of its rows are on disk. When Ray gives up on a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from rare_ray.io.checkpoints import Pass, ShardCommitter, write_parts
-from rare_ray.operators.base import Operator
+from rare_ray.io.checkpoints import Checkpoints, Pass, ShardCommitter, write_parts
+from rare_ray.operators.base import Operator, StageContext
 from rare_ray.rows import ID, SHARD, kept, rejected
 from rare_ray.vocabulary import StageError
 
@@ -87,6 +88,39 @@ def _pick(batch: pa.Table, rows: Rows, shard_of: dict[str, int] | None = None) -
         shards = [shard_of[PurePosixPath(p).name] for p in batch["path"].to_pylist()]
         batch = batch.drop_columns(["path"]).append_column(SHARD, pa.array(shards, pa.int32()))
     return batch
+
+
+def run_stage(
+    ckpt: Checkpoints,
+    op: Operator,
+    source: Source,
+    context: StageContext,
+    max_failed_batches: int,
+) -> Source:
+    """Runs every pass of ``op`` that is not complete; returns where the next stage reads."""
+    start = time.perf_counter()
+    for attempt in range(1, op.passes + 1):
+        step = ckpt.pass_of(op.name, attempt)
+        label = op.name if attempt == 1 else f"{op.name} (attempt {attempt})"
+        if step.complete():
+            context.log(f"{label}: complete, skipped")
+        else:
+            context.log(f"{label}: starting ({op.resources.describe()})")
+            process = functools.partial(op.run_pass, attempt=attempt, context=context)
+            done = run_pass(step, source, process, op, max_failed_batches)
+            failed = done["failed_rows"]
+            context.log(
+                f"{label}: {done['rows']} rows in {done['run']} shards, "
+                f"{done['skipped']} shards committed before"
+                + (f"; {failed} rows of failed batches rejected" if failed else "")
+            )
+        source = Source((step,), "rejected")  # the next pass redoes what this one rejected
+    counts = ckpt.counts(op.name, op.passes)
+    context.log(
+        f"stage {op.name}: {counts['out']} kept, {counts['rejected']} rejected "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return Source(tuple(ckpt.passes(op.name, op.passes)), "kept")
 
 
 def run_pass(
