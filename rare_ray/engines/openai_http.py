@@ -131,7 +131,6 @@ class Generation:
     text: str = ""
     tokens: int = 0
     error: str | None = None
-    attempts: int = 0
 
 
 class _Refused(ValueError):
@@ -318,16 +317,16 @@ class OpenAIWorker:
                         try:
                             text, tokens = read_response(json.loads(raw), max_tokens)
                         except _Refused as e:
-                            return Generation(error=str(e), attempts=attempt)
+                            return Generation(error=str(e))
                         except ValueError as e:
-                            return Generation(error=f"malformed response: {e}", attempts=attempt)
-                        return Generation(text, tokens, None, attempt)
+                            return Generation(error=f"malformed response: {e}")
+                        return Generation(text, tokens)
                     last_error = _error_text(resp.status, raw)
                     if not retryable(resp.status):
-                        return Generation(error=last_error, attempts=attempt)
+                        return Generation(error=last_error)
                     wait = retry_after(resp.headers)
             except aiohttp.InvalidURL as e:
-                return Generation(error=f"invalid URL: {e}", attempts=attempt)
+                return Generation(error=f"invalid URL: {e}")
             except (aiohttp.ClientError, TimeoutError) as e:
                 last_error = f"{type(e).__name__}: {e}".rstrip(": ")
             if attempt < attempts:
@@ -336,9 +335,7 @@ class OpenAIWorker:
                 )
                 logger.debug("request failed (%s), retry %d in %.1f s", last_error, attempt, delay)
                 await asyncio.sleep(delay)
-        return Generation(
-            error=f"{last_error} (gave up after {attempts} attempts)", attempts=attempts
-        )
+        return Generation(error=f"{last_error} (gave up after {attempts} attempts)")
 
 
 def generate(ds: ray.data.Dataset, engine: OpenAIEngineConfig, render: Render) -> ray.data.Dataset:
