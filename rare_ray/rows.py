@@ -8,6 +8,7 @@ counters that the manifest sums and the published data leaves out.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,6 +45,6 @@ def counter_columns(schema: pa.Schema) -> list[str]:
     return [name for name in schema.names if name.startswith("_")]
 
 
-def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+def table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows to a table with an explicit schema, so every block of a stage agrees on types."""
     return pa.Table.from_pylist(rows, schema=schema)

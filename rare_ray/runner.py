@@ -185,7 +185,7 @@ def _reject_unwritten(
         [pq.read_table(f, columns=[ID], filesystem=step.fs)[ID].combine_chunks() for f in written]
     ) if written else pa.array([], pa.string())  # fmt: skip
     missing = rows.filter(pc.invert(pc.is_in(rows[ID], value_set=ids)))
-    n = missing.num_rows
+    n: int = missing.num_rows
     table = op.with_outputs(missing, {f.name: [None] * n for f in op.output_fields}, [reason] * n)
     committer.add(write_parts(table, step.path, step.fs))
     return n

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -71,7 +71,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of a URI (``s3://...``) or a local path, and the path in it."""
     if "://" in uri:
         try:
-            return pafs.FileSystem.from_uri(uri)
+            return cast("tuple[pafs.FileSystem, str]", pafs.FileSystem.from_uri(uri))
         except (pa.ArrowInvalid, ValueError) as e:
             raise InputError(f"{uri!r} is not a path or URI pyarrow can open: {e}") from e
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 
@@ -82,7 +82,7 @@ class TokenBudget:
         if len(ids) <= max_tokens:
             return text
         self.truncated += 1
-        return self.tokenizer.decode(ids[:max_tokens])
+        return cast(str, self.tokenizer.decode(ids[:max_tokens]))
 
 
 def json_schema_sampling(schema: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class IndexHandle:
     nbytes: int
     build_seconds: float
     params: dict[str, Any] = field(default_factory=dict)
-    chunks: list[ray.ObjectRef] = field(default_factory=list, repr=False)
+    chunks: list[ray.ObjectRef[bytes]] = field(default_factory=list, repr=False)
     # A tar of the index on storage every node can read, instead of the chunks.
     uri: str | None = None
     # The actor that owns the chunks: whoever holds this handle keeps it (and them) alive.
@@ -131,7 +131,7 @@ class LuceneIndexHolder:
         return handle
 
 
-def _put_chunks(archive: Path, chunk_bytes: int) -> Iterator[ray.ObjectRef]:
+def _put_chunks(archive: Path, chunk_bytes: int) -> Iterator[ray.ObjectRef[bytes]]:
     with archive.open("rb") as f:
         while piece := f.read(chunk_bytes):
             yield ray.put(piece)
@@ -171,7 +171,7 @@ class IndexBuild:
     """An index being built by its holder actor (or a prebuilt one); ``result()`` waits."""
 
     holder: Any
-    ref: ray.ObjectRef | None
+    ref: ray.ObjectRef[IndexHandle] | None
     prebuilt: IndexHandle | None = None
 
     @classmethod

@@ -191,7 +191,7 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 def backoff(engine: OpenAIEngineConfig, retry: int) -> float:
     """Wait before retry number ``retry`` (1, 2, ...): exponential, capped, jittered."""
-    delay = min(engine.backoff_max_s, engine.backoff_base_s * 2 ** (retry - 1))
+    delay: float = min(engine.backoff_max_s, engine.backoff_base_s * 2 ** (retry - 1))
     return delay * random.uniform(0.5, 1.0)
 
 

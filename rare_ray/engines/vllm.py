@@ -9,7 +9,7 @@ processor built from ``processor_config(engine)``, and gives back the columns of
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray.data
@@ -22,6 +22,9 @@ from rare_ray.engines.contract import (
     load_tokenizer,
     with_results,
 )
+
+if TYPE_CHECKING:
+    from ray.data.llm import Processor
 
 PROMPT_TOKENS = "tokenized_prompt"  # what ray.data.llm's engine stage takes as the prompt
 ENGINE_STAGE = "vLLMEngineStage"  # the engine stage's name in the processor's stages
@@ -106,7 +109,7 @@ def processor_config(engine: VLLMEngineConfig) -> Any:
     )
 
 
-def _build_processor(engine: VLLMEngineConfig) -> Any:
+def _build_processor(engine: VLLMEngineConfig) -> Processor:
     """The ``ray.data.llm`` processor, its engine actors' restarts and retries bounded.
 
     ``ray.data.llm`` leaves engine actors to Ray Data's defaults: restarted forever, their

@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -141,7 +141,8 @@ class Pass:
         return shards
 
     def complete(self) -> bool:
-        return self.fs.get_file_info(f"{self.path}/{SUCCESS}").type == pafs.FileType.File
+        info = self.fs.get_file_info(f"{self.path}/{SUCCESS}")
+        return cast(bool, info.type == pafs.FileType.File)
 
     def _shard_dirs(self) -> Iterator[pafs.FileInfo]:
         listing = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))

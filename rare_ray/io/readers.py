@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -146,8 +146,8 @@ def _check_parquet_schemas(
 
 def _holds(kind: ColumnKind, type_: pa.DataType) -> bool:
     if kind == "text":
-        return pa.types.is_string(type_) or pa.types.is_large_string(type_)
-    return type_ == pa.list_(pa.string())
+        return cast(bool, pa.types.is_string(type_) or pa.types.is_large_string(type_))
+    return cast(bool, type_ == pa.list_(pa.string()))
 
 
 def read_documents(

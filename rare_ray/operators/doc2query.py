@@ -111,7 +111,9 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
     def pass_column(self) -> str:
         return self.attempts_column
 
-    def render(self, row: dict[str, Any], fit: Fit, attempt: int) -> tuple[Messages, dict]:
+    def render(
+        self, row: dict[str, Any], fit: Fit, attempt: int
+    ) -> tuple[Messages, dict[str, Any]]:
         cfg = self.config
         document = fit(row[cfg.input_key], cfg.max_doc_tokens)
         messages = [

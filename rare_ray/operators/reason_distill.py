@@ -111,7 +111,7 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         """Positive first, then the negatives: the indices ``document_order`` refers to."""
         return [row[self.config.input_text_key], *(row[self.config.input_hardneg_key] or [])]
 
-    def render(self, row: dict[str, Any], fit: Fit) -> tuple[Messages, dict]:
+    def render(self, row: dict[str, Any], fit: Fit) -> tuple[Messages, dict[str, Any]]:
         cfg = self.config
         docs = self.documents(row)
         shown = [
