@@ -54,10 +54,9 @@ class Resources:
     workers: int | None = None
 
     def describe(self) -> str:
-        count = "auto" if self.workers is None else str(self.workers)
-        return f"{count} workers x {self.cpus:g} CPU" + (
-            f" + {self.gpus:g} GPU" if self.gpus else ""
-        )
+        count = "workers sized by the stage" if self.workers is None else f"workers: {self.workers}"
+        each = f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
+        return f"{count}, {each} each"
 
 
 def _print(message: str) -> None:
