@@ -153,7 +153,7 @@ def _bench(args: argparse.Namespace) -> int:
     import ray
 
     from rare_ray.bench import bm25
-    from rare_ray.bench.common import init_ray
+    from rare_ray.pipeline import init_ray
 
     if args.bench in ("llm", "pipeline"):
         from rare_ray.bench import llm, pipeline
@@ -165,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
             pipeline.main(config, args.sizes, args.output, args.json)
         return 0
 
-    init_ray(RayConfig(address="local"), attempts=1)
+    init_ray(RayConfig(address="local"), log_to_driver=False)
     print(f"Ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
     bm25.main(args.sizes, args.searchers_per_node, args.repeats, args.local_dir)
     return 0

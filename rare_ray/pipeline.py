@@ -34,19 +34,31 @@ from rare_ray.runner import Source, run_stage
 from rare_ray.vocabulary import ALL_STAGES, INGEST, ReconciliationError, StageName, redact
 
 
-def init_ray(config: RayConfig) -> None:
+def init_ray(config: RayConfig, log_to_driver: bool = True, attempts: int = 1) -> None:
+    """Joins the cluster a `ray job submit` points at; otherwise starts a private local Ray
+    rather than attach to whatever `ray start` left running on this machine.
+
+    The benches pass ``log_to_driver=False`` (so workers' logs do not break up their tables)
+    and a few ``attempts`` (a busy machine can time a local Ray's start-up out).
+    """
     if ray.is_initialized():
         return
-    # Join the cluster a `ray job submit` points at; otherwise start a private local Ray
-    # rather than attach to whatever `ray start` left running on this machine.
     address = config.address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(
-        address=address,
-        num_cpus=config.num_cpus if address == "local" else None,
-        runtime_env=config.runtime_env or None,
-        include_dashboard=False if address == "local" else None,
-        log_to_driver=True,
-    )
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address=address,
+                num_cpus=config.num_cpus if address == "local" else None,
+                runtime_env=config.runtime_env or None,
+                include_dashboard=False if address == "local" else None,
+                log_to_driver=log_to_driver,
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            time.sleep(5)
 
 
 def stage_settings(

@@ -49,10 +49,11 @@ from typing import Any, cast
 
 import pyarrow as pa
 
-from rare_ray.bench.common import engine_starts, init_ray, read_jsonl
+from rare_ray.bench.common import engine_starts, read_jsonl
 from rare_ray.config import RunConfig, VLLMEngineConfig
 from rare_ray.engines.contract import GENERATED_TOKENS, INFERENCE_ERROR, Render, TokenBudget
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
+from rare_ray.pipeline import init_ray
 from rare_ray.rows import ID
 
 WORKLOADS = ("doc2query", "distill")
@@ -332,7 +333,7 @@ def compare(name: str, config: RunConfig, n: int) -> Comparison:
         ray.shutdown()
     env = {str(k): str(v) for k, v in config.ray.runtime_env.get("env_vars", {}).items()}
     bare = run_bare(engine.model, bare_engine_kwargs(engine), reqs, env)
-    init_ray(config.ray)
+    init_ray(config.ray, log_to_driver=False, attempts=3)
     try:
         stage = run_stage(rows, engine, render)
     finally:
