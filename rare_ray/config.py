@@ -443,6 +443,13 @@ class OutputConfig(_Section):
         description="Share of rows in the split=validation partition, chosen by a hash of the id "
         "so a rerun or a grown corpus keeps every document on the same side.",
     )
+    # May change for the same reason; a new value makes a new publication.
+    rows_per_file: Annotated[int, MAY_CHANGE] = Field(
+        100_000,
+        gt=0,
+        description="About how many rows each Parquet file of data/ and rejects/ holds: whole "
+        "checkpoint shards are grouped until they reach it, and a Ray task writes each group.",
+    )
 
 
 class CheckpointConfig(_Section):

@@ -17,17 +17,24 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import ray
 
 from rare_ray.config import RayConfig, RunConfig
-from rare_ray.io.checkpoints import fingerprint
+from rare_ray.io.checkpoints import Checkpoints, Shard, fingerprint
 from rare_ray.io.manifest import versions
+from rare_ray.io.publication import (
+    Group,
+    Publication,
+    RejectSource,
+    complete_manifest,
+    publication_id,
+)
 from rare_ray.io.readers import check_input, input_listing, read_documents
-from rare_ray.io.writers import OutputDir, RejectSource
+from rare_ray.io.writers import OutputDir
 from rare_ray.operators import Operator, StageContext, build_operators
 from rare_ray.rows import kept
 from rare_ray.runner import Source, run_stage
@@ -117,6 +124,9 @@ def run_operators(
     out = OutputDir(config.output)
     ckpt = out.checkpoints
     settings = _preflight(config, operators, corpus, out, fresh)
+    done = _already_published(config, operators, out)
+    if done is not None:
+        return done
 
     init_ray(config.ray)
     if config.limit is not None:
@@ -156,8 +166,13 @@ def run_operators(
         timings[op.name] = time.perf_counter() - t
 
     t = time.perf_counter()
-    shards = list(ingest.committed())
-    _publish(out, operators, shards, config.output_layout.validation_fraction)
+    shards = ingest.committed()
+    pub, wrote = out.publish(
+        _groups(ckpt, operators, shards, config.output_layout.rows_per_file),
+        config.output_layout.validation_fraction,
+    )
+    if not wrote:
+        _log(f"publish: publication {pub.id} is complete in {config.output}, nothing to write")
     timings["publish"] = time.perf_counter() - t
 
     manifest = {
@@ -171,11 +186,12 @@ def run_operators(
         "versions": versions(),
         **{k: v for op in operators for k, v in op.manifest_entries().items()},
         "shards": len(shards),
-        "counts": _reconcile(out, operators),
+        "counts": _reconcile(out, operators, pub),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "config": redact(config.model_dump(mode="json")),
+        "publication": pub.to_json(),
     }
-    _log(f"manifest: {out.write_manifest(manifest)}")
+    _log(f"manifest: {out.commit(manifest)}")
     return manifest
 
 
@@ -200,27 +216,59 @@ def _preflight(
     return settings
 
 
-def _publish(
-    out: OutputDir, operators: Sequence[Operator], shards: list[int], validation_fraction: float
-) -> None:
-    """The last stage's kept rows into data/, every stage's final rejects into rejects/."""
-    ckpt, last = out.checkpoints, operators[-1]
-    out.publish_data(ckpt.kept_files(last.name, last.passes, shards), validation_fraction)
+def _already_published(
+    config: RunConfig, operators: Sequence[Operator], out: OutputDir
+) -> dict[str, Any] | None:
+    """The manifest, when every stage is complete and its publication too: a rerun with
+    nothing to do starts no Ray and writes nothing."""
+    ckpt = out.checkpoints
     ingest = ckpt.pass_of(INGEST)
-    out.publish_rejects(
-        [
-            RejectSource(INGEST, ingest.files(shards), operators[0].text_key),
-            *(
-                RejectSource(
-                    op.name,
-                    ckpt.pass_of(op.name, op.passes).files(shards),
-                    op.text_key,
-                    op.pass_column,
-                )
-                for op in operators
-            ),
-        ]
-    )
+    if not ingest.complete():
+        return None
+    if not all(ckpt.pass_of(op.name, op.passes).complete() for op in operators):
+        return None
+    groups = _groups(ckpt, operators, ingest.committed(), config.output_layout.rows_per_file)
+    pub_id = publication_id(groups, config.output_layout.validation_fraction)
+    manifest = complete_manifest(out.fs, out.root, pub_id)
+    if manifest is not None:
+        for op in operators:
+            _log(f"{op.name}: complete, skipped")
+        _log(f"publish: publication {pub_id} is complete in {config.output}, nothing to write")
+    return manifest
+
+
+def _groups(
+    ckpt: Checkpoints, operators: Sequence[Operator], shards: Mapping[int, Shard], rows: int
+) -> list[Group]:
+    """What publishing reads: runs of consecutive shards of about ``rows`` input rows each,
+    with the last stage's kept rows and every stage's final rejects of those shards."""
+    last, ingest = operators[-1], ckpt.pass_of(INGEST)
+    runs: list[list[int]] = [[]]
+    for k in sorted(shards):
+        if runs[-1] and sum(shards[j].rows for j in runs[-1]) + shards[k].rows > rows:
+            runs.append([])
+        runs[-1].append(k)
+    kept = [(p, p.committed()) for p in ckpt.passes(last.name, last.passes)]
+    committed = {op.name: ckpt.pass_of(op.name, op.passes).committed() for op in operators}
+    return [
+        Group(
+            [f for p, done in kept for f in p.files(run, done)],
+            [
+                RejectSource(INGEST, ingest.files(run, shards), operators[0].text_key),
+                *(
+                    RejectSource(
+                        op.name,
+                        ckpt.pass_of(op.name, op.passes).files(run, committed[op.name]),
+                        op.text_key,
+                        op.pass_column,
+                    )
+                    for op in operators
+                ),
+            ],
+        )
+        for run in runs
+        if run
+    ]
 
 
 def _corpus(source: Source, corpus: str | None, operators: Sequence[Operator]) -> ray.data.Dataset:
@@ -231,11 +279,11 @@ def _corpus(source: Source, corpus: str | None, operators: Sequence[Operator]) -
     return read_documents(corpus, {text_key: "text"}).map_batches(kept, batch_format="pyarrow")
 
 
-def _reconcile(out: OutputDir, operators: Sequence[Operator]) -> dict[str, Any]:
-    """Counts per stage; checks that in = out + rejected everywhere and overall."""
+def _reconcile(out: OutputDir, operators: Sequence[Operator], pub: Publication) -> dict[str, Any]:
+    """Counts per stage; checks that in = out + rejected everywhere, and that the publication
+    holds every input row once."""
     ckpt = out.checkpoints
     ingest = ckpt.pass_of(INGEST).committed()
-    shards = list(ingest)
     per_stage: dict[str, dict[str, int]] = {
         INGEST: {
             "in": sum(s.rows for s in ingest.values()),
@@ -251,18 +299,11 @@ def _reconcile(out: OutputDir, operators: Sequence[Operator]) -> dict[str, Any]:
                 f"stage {op.name}: {incoming} rows came in, but {counts['out']} kept + "
                 f"{counts['rejected']} rejected"
             )
-        counts.update(
-            out.counter_totals(
-                op.name,
-                ckpt.kept_files(op.name, op.passes, shards),
-                ckpt.pass_of(op.name, op.passes).files(shards),
-            )
-        )
         per_stage[op.name] = counts
         incoming = counts["out"]
     input_rows = per_stage[INGEST]["in"]
     rejected = sum(c["rejected"] for c in per_stage.values())
-    published = {"data": out.count_rows("data"), "rejects": out.count_rows("rejects")}
+    published = {"data": pub.data_rows, "rejects": pub.reject_rows}
     if input_rows != published["data"] + published["rejects"] or published["data"] != incoming:
         raise ReconciliationError(
             f"{input_rows} input rows, but {published['data']} in data/ + "

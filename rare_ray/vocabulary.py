@@ -8,6 +8,7 @@ on ``rows`` (the row conventions); neither of the two imports anything else of o
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -68,10 +69,88 @@ def redact(value: Any) -> Any:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a URI (``s3://...``) or a local path, and the path in it."""
+    """The pyarrow filesystem of a URI (``s3://...``) or a local path, and the path in it.
+
+    For ``s3://`` the endpoint and credentials come from where pyarrow and boto users keep
+    them: the URI's query (``?endpoint_override=...``), else ``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``; keys from the AWS default chain (``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY``, a profile, an instance role). No key is ever taken from or put
+    into a file or the config of ours.
+    """
     if "://" in uri:
         try:
-            return cast("tuple[pafs.FileSystem, str]", pafs.FileSystem.from_uri(uri))
+            fs, path = cast("tuple[pafs.FileSystem, str]", pafs.FileSystem.from_uri(uri))
         except (pa.ArrowInvalid, ValueError) as e:
             raise InputError(f"{uri!r} is not a path or URI pyarrow can open: {e}") from e
+        if isinstance(fs, pafs.S3FileSystem):
+            fs = _s3_with_retries(fs)
+        return fs, path
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+# pyarrow (26) reads AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL (the first wins, as in boto3)
+# in `FileSystem.from_uri` only; `S3FileSystem(...)` itself ignores both. These are read here
+# too, for a pyarrow whose from_uri predates them, and only when the URI names no endpoint.
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def _s3_with_retries(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
+    """``from_uri``'s S3 filesystem, rebuilt with pyarrow's standard retries (3 attempts)
+    and, where it has no endpoint, the environment's.
+
+    ``from_uri`` leaves the retries to the AWS SDK's default, which spent 6 s on each call to
+    an endpoint that refuses connections (12 s for the output check). The standard strategy
+    answers in about 1 s, and it is what every Ray worker gets anyway: a pickled
+    S3FileSystem keeps its options but not its retry strategy. The options are those
+    ``from_uri`` resolved (its pickled form); credentials it left unset stay unset, so the
+    AWS default chain (the environment) still supplies them.
+    """
+    options = _s3_options(fs)
+    if options is None:
+        return fs  # a pyarrow whose pickled form is not the options: keep its filesystem
+    if not options.get("endpoint_override"):
+        for name in _ENDPOINT_VARIABLES:
+            if os.environ.get(name):
+                options["endpoint_override"] = os.environ[name]
+                break
+    options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    return pafs.S3FileSystem(**options)
+
+
+def _s3_options(fs: pafs.S3FileSystem) -> dict[str, Any] | None:
+    """The options an S3 filesystem was made with: its pickled form, ``S3FileSystem``'s
+    keyword arguments (pyarrow exposes no other way to read them)."""
+    _, args = fs.__reduce__()
+    return dict(args[0]) if args and isinstance(args[0], dict) else None
+
+
+def store_of(fs: pafs.FileSystem) -> str:
+    """Where a filesystem keeps its files, for error messages: ``S3 endpoint http://...``."""
+    if isinstance(fs, pafs.S3FileSystem):
+        endpoint = (_s3_options(fs) or {}).get("endpoint_override")
+        return f"S3 endpoint {endpoint}" if endpoint else f"AWS S3 (region {fs.region or '?'})"
+    return str(fs.type_name)
+
+
+# Credentials an error text could carry: scrubbed from every message we print.
+_CREDENTIAL_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+
+
+def storage_problem(error: OSError, fs: pafs.FileSystem) -> str:
+    """An I/O error of ``fs`` as one line that says where: pyarrow's text, whitespace folded,
+    any credential of the environment cut out, and the store (an S3 endpoint) named."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for name in _CREDENTIAL_VARIABLES:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, REDACTED)
+    # pyarrow's advice names its own option, which no rare-ray setting reaches.
+    text = text.replace(
+        "To create buckets, enable the allow_bucket_creation option.",
+        "rare-ray creates no bucket: create it, or name another.",
+    )
+    if "ACCESS_DENIED" in text or "INVALID_ACCESS_KEY" in text or "SIGNATURE" in text:
+        text += " (are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY right, and allowed here?)"
+    if isinstance(fs, pafs.S3FileSystem):
+        text = f"{text} ({store_of(fs)})"
+    return text

@@ -60,12 +60,18 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def rare_ray(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The ``rare-ray`` command in a process of its own, from the repository root."""
+def rare_ray(
+    *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """The ``rare-ray`` command in a process of its own, from the repository root.
+
+    ``env``: the process's whole environment (as ``subprocess.run`` takes it); by default
+    this process's."""
     return subprocess.run(
         [sys.executable, "-m", "rare_ray.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )

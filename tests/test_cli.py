@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import yaml
 
 from tests.helpers import LOCAL_CONFIG, rare_ray, sample_questions, sample_rows, write_jsonl
 
@@ -41,16 +42,27 @@ def test_bad_config_is_reported_with_the_field(tmp_path):
     assert result.returncode == 2 and "num_negs" in result.stderr
 
 
-def test_bm25_alone_over_a_table_of_questions(tmp_path: Path):
+def test_bm25_alone_then_the_same_again_a_changed_setting_and_fresh(tmp_path: Path):
+    """``rare-ray bm25`` over a table of questions, its corpus given apart (``--corpus``);
+    the same command again has nothing to do; a changed setting is refused; ``--fresh``
+    starts over."""
     texts = {r["id"]: r["text"] for r in sample_rows()}
     table = [
         {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
         for q in sample_questions()[:100]
     ]
-    corpus = write_jsonl(tmp_path / "questions.jsonl", table)
+    questions = write_jsonl(tmp_path / "questions.jsonl", table)
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl", [{"id": r["id"], "text": r["text"]} for r in table]
+    )
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    config["bm25"]["local_dir"] = str(tmp_path / "indexes")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    result = rare_ray("bm25", "--config", str(LOCAL_CONFIG), "--input", str(corpus),
-                      "--output", str(out))  # fmt: skip
+    args = ["bm25", "--config", str(path), "--input", str(questions), "--corpus", str(corpus),
+            "--output", str(out)]  # fmt: skip
+    result = rare_ray(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages_run"] == ["bm25"]
@@ -60,3 +72,19 @@ def test_bm25_alone_over_a_table_of_questions(tmp_path: Path):
     assert manifest["counts"]["stages"]["bm25"]["short"] == short
     assert short <= 5  # a few questions share no term with any other abstract
     assert "100 rows in" in result.stdout
+
+    started = time.perf_counter()
+    again = rare_ray(*args)
+    assert again.returncode == 0 and "bm25: complete, skipped" in again.stdout
+    assert "Started a local Ray instance" not in again.stderr  # nothing to do, so no Ray
+    assert time.perf_counter() - started < 60
+
+    config["bm25"]["num_neg"] = 2
+    path.write_text(yaml.safe_dump(config))
+    refused = rare_ray(*args)
+    assert refused.returncode == 2 and "bm25.num_neg: 3 -> 2" in refused.stderr
+    fresh = rare_ray(*args, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    data = pads.dataset(out / "data", format="parquet", partitioning="hive")
+    negatives = data.to_table(columns=["hard_negatives"])["hard_negatives"].to_pylist()
+    assert len(negatives) == 100 and max(len(n) for n in negatives) == 2

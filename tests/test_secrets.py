@@ -1,13 +1,16 @@
-"""An API key given through the environment never appears in the manifest, logs or output.
+"""Keys given through the environment never appear in the manifest, logs or output.
 
 The job runs as a user runs it (the ``rare-ray`` command in its own process, a private local
-Ray) with ``engine.kind: openai``, against tests/scripted_server.py's ScriptedServer standing in for a hosted
-API (the test double: no hosted API can be reached from a test). The server answers only
+Ray) with ``engine.kind: openai``, against tests/scripted_server.py's ScriptedServer standing in
+for a hosted API (the test double: no hosted API can be reached from a test), reading its input
+from and writing its output to the tests' real S3-compatible server (tests/object_store.py),
+whose keys come from the ``AWS_*`` variables as pyarrow and boto users give them. The server answers only
 requests that carry the key, and for one document answers "401: bad key Bearer <the key>", as
 some APIs do, so the key comes back to the client inside an error that ends up in a reject.
 
-Then the key must be nowhere in: manifest.json; any file under the output directory (Parquet
-scanned as raw bytes and as decoded values, since pages are compressed) and the BM25 index
+Then neither the API key nor the S3 secret key may be anywhere in: manifest.json; any object
+under the output prefix (copied back, Parquet scanned as raw bytes and as decoded values, since
+pages are compressed) and the BM25 index
 directory; the driver's stdout and stderr; any file of the Ray session directory (logs of the
 raylet, GCS, workers, actors, Ray Data and the runtime-env agent), which the driver looks up
 through Ray's own API (``ray._private.worker._global_node.get_session_dir_path()``) after the
@@ -29,11 +32,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from tests.helpers import REPO, local_config_in, rare_ray, sample_rows, write_jsonl
+from tests.object_store import S3Server
 from tests.scripted_server import Reply, ScriptedServer, answer, failure
 
 ECHO = "Please echo the key back"  # in one document: the server answers it with the key
@@ -150,19 +156,36 @@ def scrubbed_env(**extra: str) -> dict[str, str]:
 
 
 def test_a_key_in_the_environment_is_nowhere_but_in_the_requests(
-    tmp_path: Path, test_model: Path
+    tmp_path: Path, test_model: Path, s3_server: S3Server
 ) -> None:
     key, key_env = new_key(), "RARE_RAY_TEST_API_KEY"
+    s3 = s3_server.filesystem()
+    prefix = f"{s3_server.bucket}/secrets-{tmp_path.name}"
+    with s3.open_output_stream(f"{prefix}/corpus.jsonl") as f:
+        f.write(corpus(tmp_path).read_bytes())
+    env = scrubbed_env(**{key_env: key}, **s3_server.env())
     with hosted_api(key) as server:
         config = config_file(tmp_path, test_model, server.base_url, key_env)
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-        out = tmp_path / "out"
-        result, session = run_driver(
-            tmp_path,
+        command = [
             "run", "--config", str(tmp_path / "config.yaml"),
-            "--input", str(corpus(tmp_path)), "--output", str(out),
-            env=scrubbed_env(**{key_env: key}),
-        )  # fmt: skip
+            "--input", f"s3://{prefix}/corpus.jsonl", "--output", f"s3://{prefix}/out",
+        ]  # fmt: skip
+        result, session = run_driver(tmp_path, *command, env=env)
+        written = objects(s3, f"{prefix}/out")
+        # The same command again: everything is committed and published, so no object changes.
+        again, _ = run_driver(tmp_path, *command, env=env)
+    assert "nothing to write" in again.stdout
+    assert objects(s3, f"{prefix}/out", skip=frozenset({"manifest.json"})) == {
+        k: v for k, v in written.items() if k != "manifest.json"
+    }
+    # data/ read back through pyarrow's S3 filesystem: every kept id once.
+    data = pads.dataset(f"{prefix}/out/data", filesystem=s3, format="parquet", partitioning="hive")
+    ids = data.to_table(columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 8
+
+    out = tmp_path / "out"  # the output prefix, copied back to scan it
+    pafs.copy_files(f"{prefix}/out", str(out), source_filesystem=s3)
     # The key did its job: every request carried it, and one error came back with it.
     assert server.requests
     assert all(r["headers"]["Authorization"] == f"Bearer {key}" for r in server.requests)
@@ -173,13 +196,23 @@ def test_a_key_in_the_environment_is_nowhere_but_in_the_requests(
     assert reject["reason"].startswith("engine error: HTTP 401: bad key Bearer <redacted>")
 
     roots = [out, Path(config["bm25"]["local_dir"]), session]
-    texts = {"stdout": result.stdout, "stderr": result.stderr}
-    assert where_is(key, roots, texts) == []
-    assert where_is(key.removeprefix("sk-rare-ray-"), roots, texts) == []  # nor a piece of it
+    texts = {"stdout": result.stdout + again.stdout, "stderr": result.stderr + again.stderr}
+    for secret in (key, key.removeprefix("sk-rare-ray-"), s3_server.secret_key):
+        assert where_is(secret, roots, texts) == []  # nor a piece of the API key
     # The scan did look at this run's files: its Ray Data logs and output are there.
     assert where_is("MapBatches(OpenAIWorker)", [session / "logs"], {})
     assert where_is("hosted-model", [out / "manifest.json"], {})
     assert where_is("What does it show?", [out / "data"], {})
+
+
+def objects(s3: pafs.FileSystem, prefix: str, skip: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Every object under ``prefix`` (relative name -> modification time in ns)."""
+    listing = s3.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    return {
+        name: info.mtime_ns
+        for info in listing
+        if info.type == pafs.FileType.File and (name := info.path[len(prefix) + 1 :]) not in skip
+    }
 
 
 # Through the config's runtime_env: Ray's runtime-env agent logs every runtime env it creates,

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rare_ray.rows import ID, REJECT_REASON, SHARD
+from rare_ray.rows import ID, REJECT_REASON, SHARD, counter_columns
 from rare_ray.vocabulary import INGEST, ResumeError
 
 SUCCESS = "_SUCCESS"
@@ -47,6 +47,15 @@ class Shard:
     files: list[str] = field(default_factory=list)
     kept: int = 0
     rejected: int = 0
+    # The stage's counter columns summed over the shard's kept and its rejected rows, taken
+    # when the parts are written, so the manifest's totals never read the rows again.
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add_counters(self, counters: Mapping[str, Mapping[str, int]]) -> None:
+        for rows, sums in counters.items():
+            mine = self.counters.setdefault(rows, {})
+            for name, value in sums.items():
+                mine[name] = mine.get(name, 0) + value
 
     @property
     def rows(self) -> int:
@@ -59,7 +68,7 @@ def shard_dir(shard: int) -> str:
 
 def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
     """Writes ``value`` so that a reader sees the whole file or none of it."""
-    data = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
+    data = json.dumps(value, indent=1, sort_keys=True, default=str).encode("utf-8")
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -85,37 +94,62 @@ def write_parts(batch: pa.Table, directory: str, fs: pafs.FileSystem) -> pa.Tabl
 
     Runs in Ray tasks, fused with the stage's last step, so rows never travel to be written.
     """
-    written: dict[str, list[Any]] = {SHARD: [], "file": [], "kept": [], "rejected": []}
+    written: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
     if batch.num_rows == 0:
         return pa.table(written, schema=PART_SCHEMA)
     shards = batch[SHARD]
+    counters = counter_columns(batch.schema)
     for shard in pc.unique(shards).to_pylist():
         part = batch.filter(pc.equal(shards, shard))
         digest = hashlib.sha1("\n".join(part[ID].to_pylist()).encode("utf-8")).hexdigest()[:20]
         name = f"{shard_dir(shard)}/part-{digest}.parquet"
-        _write_durably(part, f"{directory}/{name}", fs)
-        rejected = int(pc.sum(pc.is_valid(part[REJECT_REASON])).as_py() or 0)
+        write_parquet_whole(part, f"{directory}/{name}", fs)
+        is_rejected = pc.is_valid(part[REJECT_REASON])
+        rejected = int(pc.sum(is_rejected).as_py() or 0)
+        subsets = {
+            "kept": part.filter(pc.invert(is_rejected)),
+            "rejected": part.filter(is_rejected),
+        }
+        sums = {
+            rows: {c: int(pc.sum(subset[c]).as_py() or 0) for c in counters}
+            for rows, subset in subsets.items()
+        }
         written[SHARD].append(shard)
         written["file"].append(name)
         written["kept"].append(part.num_rows - rejected)
         written["rejected"].append(rejected)
+        written["counters"].append(json.dumps(sums) if counters else "{}")
     return pa.table(written, schema=PART_SCHEMA)
 
 
 PART_SCHEMA = pa.schema(
-    [(SHARD, pa.int32()), ("file", pa.string()), ("kept", pa.int64()), ("rejected", pa.int64())]
+    [
+        (SHARD, pa.int32()),
+        ("file", pa.string()),
+        ("kept", pa.int64()),
+        ("rejected", pa.int64()),
+        ("counters", pa.string()),  # JSON: {"kept"|"rejected": {counter column: sum}}
+    ]
 )
 
 
-def _write_durably(table: pa.Table, path: str, fs: pafs.FileSystem) -> None:
+def write_parquet_whole(table: pa.Table, path: str, fs: pafs.FileSystem) -> None:
+    """Writes a Parquet file that readers see whole or not at all, and that survives a crash.
+
+    On local disk: a hidden temporary file (readers skip names that start with '.'), synced,
+    then renamed into place. On an object store one PUT does that by itself, and no directory
+    is created first: a prefix is not a thing there, and each marker would cost a request.
+    """
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     else:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, path, filesystem=fs)
 
 
@@ -190,13 +224,14 @@ class ShardCommitter:
                 self._commit(k)
 
     def add(self, parts: pa.Table) -> None:
-        for shard, name, kept, rejected in zip(
+        for shard, name, kept, rejected, counters in zip(
             *(parts[c].to_pylist() for c in PART_SCHEMA.names), strict=True
         ):
             record = self.written[shard]
             record.files.append(name)
             record.kept += kept
             record.rejected += rejected
+            record.add_counters(json.loads(counters))
             if record.rows > self.expected[shard]:
                 raise ResumeError(
                     f"{self.step.path}/{shard_dir(shard)}: {record.rows} rows written, but the "
@@ -291,11 +326,22 @@ class Checkpoints:
         return [f for p in self.passes(stage, attempts) for f in p.files(wanted)]
 
     def counts(self, stage: str, attempts: int) -> dict[str, int]:
-        """Rows into a stage, kept and finally rejected (by its last pass), from its records."""
+        """Rows into a stage, kept and finally rejected (by its last pass), and its counters
+        summed over those rows (``_<stage>_<name>`` as ``<name>``), from its commit records."""
         passes = [p.committed() for p in self.passes(stage, attempts)]
         kept = sum(s.kept for shards in passes for s in shards.values())
         rejected = sum(s.rejected for s in passes[-1].values())
-        return {"in": kept + rejected, "out": kept, "rejected": rejected}
+        totals: dict[str, int] = {}
+        final = [(s, "kept") for shards in passes for s in shards.values()]
+        final += [(s, "rejected") for s in passes[-1].values()]
+        prefix = f"_{stage}_"
+        for shard, rows in final:
+            for column, value in shard.counters.get(rows, {}).items():
+                key = (
+                    column.removeprefix(prefix) if column.startswith(prefix) else column.lstrip("_")
+                )
+                totals[key] = totals.get(key, 0) + value
+        return {"in": kept + rejected, "out": kept, "rejected": rejected, **totals}
 
     # Ingest: the corpus as read, cut into the shards every later stage keeps ----------------
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, content_key, table
-from rare_ray.vocabulary import ColumnKind, InputError, filesystem
+from rare_ray.vocabulary import ColumnKind, InputError, filesystem, storage_problem, store_of
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "pubmedqa" / "corpus.jsonl"
 SAMPLE_QUESTIONS = SAMPLE_CORPUS.with_name("questions.jsonl")
@@ -49,20 +49,27 @@ def input_schema(columns: Mapping[str, ColumnKind]) -> pa.Schema:
 def list_input_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The corpus files under ``path``, sorted, so that every run reads them in one order."""
     fs, root = filesystem(path)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise InputError(f"input {path!r} does not exist")
-    if info.type == pafs.FileType.File:
-        files = [root]
-    else:
-        selector = pafs.FileSelector(root, recursive=True)
-        files = sorted(
-            i.path
-            for i in fs.get_file_info(selector)
-            if i.type == pafs.FileType.File and i.path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
-        )
-        if not files:
-            raise InputError(f"input directory {path!r} holds no .jsonl, .json or .parquet file")
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            where = f" (in {store_of(fs)})" if isinstance(fs, pafs.S3FileSystem) else ""
+            raise InputError(f"input {path!r} does not exist{where}")
+        if info.type == pafs.FileType.File:
+            files = [root]
+        else:
+            selector = pafs.FileSelector(root, recursive=True)
+            files = sorted(
+                i.path
+                for i in fs.get_file_info(selector)
+                if i.type == pafs.FileType.File
+                and i.path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
+            )
+            if not files:
+                raise InputError(
+                    f"input directory {path!r} holds no .jsonl, .json or .parquet file"
+                )
+    except OSError as e:  # an endpoint that refuses, keys refused, a directory not readable
+        raise InputError(f"input {path!r} cannot be read: {storage_problem(e, fs)}") from e
     kinds = {f.endswith(PARQUET_SUFFIXES) for f in files}
     if len(kinds) > 1:
         raise InputError(f"input {path!r} mixes Parquet and JSON files; use one format")
@@ -82,14 +89,18 @@ def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> No
     """Fail fast, in the driver, on an input that no row of which could be used."""
     fs, files = list_input_files(path)
     first = files[0]
-    if first.endswith(PARQUET_SUFFIXES):
-        _check_parquet_schemas(fs, files, columns)
-        return
+    try:
+        if first.endswith(PARQUET_SUFFIXES):
+            _check_parquet_schemas(fs, files, columns)
+            return
+        with fs.open_input_stream(first) as f:
+            head = f.read(_PEEK_BYTES)
+            if len(head) == _PEEK_BYTES and head.lstrip()[:1] == b"[":
+                head += f.read()  # a JSON array parses only whole
+    except OSError as e:  # listed but not readable (a GET refused where a HEAD was not)
+        name = repr(path) if first == path else f"{path!r} (its file {first})"
+        raise InputError(f"input {name} cannot be read: {storage_problem(e, fs)}") from e
     seen: set[str] = set()
-    with fs.open_input_stream(first) as f:
-        head = f.read(_PEEK_BYTES)
-        if len(head) == _PEEK_BYTES and head.lstrip()[:1] == b"[":
-            head += f.read()  # a JSON array parses only whole
     if len(head) == _PEEK_BYTES and b"\n" in head:
         head = head[: head.rfind(b"\n") + 1]  # drop a line the peek may have cut short
     records = list(_parse_json_bytes(head, first, limit=_PEEK_RECORDS))
