@@ -320,11 +320,6 @@ class Checkpoints:
 
     # Rows -----------------------------------------------------------------------------------
 
-    def kept_files(self, stage: str, attempts: int, shards: Iterable[int]) -> list[str]:
-        """Files holding the kept rows of ``shards`` (each kept row is in exactly one pass)."""
-        wanted = list(shards)
-        return [f for p in self.passes(stage, attempts) for f in p.files(wanted)]
-
     def counts(self, stage: str, attempts: int) -> dict[str, int]:
         """Rows into a stage, kept and finally rejected (by its last pass), and its counters
         summed over those rows (``_<stage>_<name>`` as ``<name>``), from its commit records."""
