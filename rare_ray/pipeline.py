@@ -36,6 +36,7 @@ from rare_ray.io.publication import (
 from rare_ray.io.readers import check_input, input_listing, read_documents
 from rare_ray.io.writers import OutputDir
 from rare_ray.operators import Operator, StageContext, build_operators
+from rare_ray.preflight import check_gpus
 from rare_ray.rows import kept
 from rare_ray.runner import Source, run_stage
 from rare_ray.vocabulary import ALL_STAGES, INGEST, ReconciliationError, StageName, redact
@@ -133,19 +134,7 @@ def run_operators(
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     timings: dict[str, float] = {}
 
-    t = time.perf_counter()
     ingest = ckpt.pass_of(INGEST)
-    if ingest.complete():
-        _log(f"ingest: complete in {config.output}, resuming after it")
-    else:
-        _log(f"reading {config.input}")
-        required = dict(operators[0].input_columns)
-        id_from = operators[0].text_key
-        documents = read_documents(config.input, required, config.id_key, config.limit, id_from)
-        ckpt.write_ingest(documents, config.checkpoint.shard_rows)
-        ckpt.record_settings(INGEST, settings[INGEST])
-    timings[INGEST] = time.perf_counter() - t
-
     # Each pass reads its rows from here: ingest's kept rows, then the pass before's.
     source = Source((ingest,), "kept", from_ingest=True)
     context = StageContext(
@@ -153,17 +142,40 @@ def run_operators(
         cluster_resources=ray.cluster_resources(),
         log=_log,
     )
-    # Every stage that has work left sets up before the first one runs, so background work
-    # (BM25's index) overlaps the stages before it and bad settings stop the run early.
-    for op in operators:
-        if not ckpt.pass_of(op.name, op.passes).complete():
-            op.prepare(context)
+    pending = [op for op in operators if not ckpt.pass_of(op.name, op.passes).complete()]
+    # The LLM engines of the stages with work left start first, so that they load while
+    # ingest reads; every stage that names the same engine config shares them
+    # (``context.engines``), and they are closed once the last stage is done, whatever happens.
+    try:
+        for op in pending:
+            for engine in op.engines:
+                check_gpus(engine, dict(context.cluster_resources))
+                context.engines.get(engine)
 
-    for op in operators:
         t = time.perf_counter()
-        ckpt.record_settings(op.name, settings[op.name])
-        source = run_stage(ckpt, op, source, context, config.checkpoint.max_failed_batches)
-        timings[op.name] = time.perf_counter() - t
+        if ingest.complete():
+            _log(f"ingest: complete in {config.output}, resuming after it")
+        else:
+            _log(f"reading {config.input}")
+            required = dict(operators[0].input_columns)
+            id_from = operators[0].text_key
+            documents = read_documents(config.input, required, config.id_key, config.limit, id_from)
+            ckpt.write_ingest(documents, config.checkpoint.shard_rows)
+            ckpt.record_settings(INGEST, settings[INGEST])
+        timings[INGEST] = time.perf_counter() - t
+
+        # Every stage with work left sets up before the first one runs, so background work
+        # (BM25's index) overlaps the stages before it and bad settings stop the run early.
+        for op in pending:
+            op.prepare(context)
+        for op in operators:
+            t = time.perf_counter()
+            ckpt.record_settings(op.name, settings[op.name])
+            source = run_stage(ckpt, op, source, context, config.checkpoint.max_failed_batches)
+            timings[op.name] = time.perf_counter() - t
+        engines = _engine_report(context, started)
+    finally:
+        context.engines.close()
 
     t = time.perf_counter()
     shards = ingest.committed()
@@ -186,6 +198,7 @@ def run_operators(
         "versions": versions(),
         **{k: v for op in operators for k, v in op.manifest_entries().items()},
         "shards": len(shards),
+        "engines": engines,
         "counts": _reconcile(out, operators, pub),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "config": redact(config.model_dump(mode="json")),
@@ -277,6 +290,19 @@ def _corpus(source: Source, corpus: str | None, operators: Sequence[Operator]) -
         return source.read(source.expected())
     text_key = next(op for op in operators if op.reads_corpus).text_key
     return read_documents(corpus, {text_key: "text"}).map_batches(kept, batch_format="pyarrow")
+
+
+def _engine_report(context: StageContext, started: datetime) -> list[dict[str, Any]]:
+    """What each of the run's engines did, its times in seconds after the run started."""
+    t0 = started.timestamp()
+    out = []
+    for report in context.engines.reports():
+        entry = {k: v for k, v in report.items() if not k.endswith("_at")}
+        for key, at in report.items():
+            if key.endswith("_at"):
+                entry[key.replace("_at", "_after_s")] = None if at is None else round(at - t0, 3)
+        out.append(entry)
+    return out
 
 
 def _reconcile(out: OutputDir, operators: Sequence[Operator], pub: Publication) -> dict[str, Any]:

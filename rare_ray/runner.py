@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -191,6 +192,23 @@ def _reject_unwritten(
     return n
 
 
+# A line of a traceback that names an exception: "ray.exceptions.ActorDiedError: The actor ..."
+_EXCEPTION_LINE = re.compile(r"^(?:[\w]+\.)*(?P<name>\w+(?:Error|Exception)): (?P<message>.*)$")
+
+
+def batch_error(e: BaseException) -> str:
+    """What a batch failed with, as ``Name: message``: the first error of the chain that the
+    worker's traceback text shows (Ray Data wraps a UDF's error in ``UserCodeException``, whose
+    own message is only advice), else ``e`` itself."""
+    text = str(e).strip()
+    first = text.split("The above exception was the direct cause of the following exception")[0]
+    for line in reversed(first.splitlines()):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match:
+            return f"{match['name']}: {match['message'][:300]}"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[-1][:300]}"
+
+
 @contextmanager
 def _failed_batches() -> Iterator[list[str]]:
     """Collects the errors of the batches Ray Data gives up on (``max_errored_blocks``)."""
@@ -199,10 +217,7 @@ def _failed_batches() -> Iterator[list[str]]:
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if record.exc_info and record.exc_info[1] is not None:
-                e = record.exc_info[1]
-                errors.append(
-                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}"
-                )
+                errors.append(batch_error(record.exc_info[1]))
 
     handler = Collect(level=logging.ERROR)
     logger = logging.getLogger("ray.data._internal.execution.streaming_executor_state")

@@ -29,6 +29,11 @@ class InputError(ValueError):
     """The input (corpus, model path) cannot be used; raised before any engine starts."""
 
 
+class SettingsError(ValueError):
+    """Settings that cannot work together (a budget too small for a schema); raised before any
+    engine starts."""
+
+
 class OutputError(RuntimeError):
     """The output location cannot be used."""
 

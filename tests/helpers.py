@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from rare_ray.config import RunConfig
+from rare_ray.engines.contract import Generation, Render
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +78,21 @@ def rare_ray(
         timeout=timeout,
         env=env,
     )
+
+
+class ScriptedClient:
+    """A test double for an engine client (``rare_ray.engines.contract.Client``), for the
+    operators' own logic: answers every request at once with ``reply(row, messages,
+    sampling)`` and records each request as ``(row id, messages, sampling)``."""
+
+    def __init__(self, reply: Callable[[dict, list, dict], Generation]):
+        self.reply = reply
+        self.asked: list[tuple[Any, list, dict]] = []
+
+    async def generate(self, rows: Sequence[dict[str, Any]], render: Render) -> list[Generation]:
+        answers = []
+        for row in rows:
+            messages, sampling = render(row, lambda text, _: text)
+            self.asked.append((row.get("id"), messages, sampling))
+            answers.append(self.reply(row, messages, sampling))
+        return answers

@@ -327,7 +327,9 @@ def test_gpu_8x_fills_one_launcher_node():
     assert gpus % per_replica == 0
     assert config.engine.accelerator_type == accelerator
     assert worker["min_workers"] >= 1
-    assert config.bm25.searchers_per_node * config.bm25.cpus_per_searcher <= node_cpus
+    # The engines stay up through BM25 (one CPU per GPU in their placement groups).
+    bm25_cpus = config.bm25.searchers_per_node * config.bm25.cpus_per_searcher
+    assert bm25_cpus + gpus <= node_cpus
     # The launcher can also grow to gpu-multinode's size.
     multinode = RunConfig.from_yaml(GPU_MULTINODE)
     assert gpus_needed(multinode) <= worker["max_workers"] * gpus
@@ -359,7 +361,9 @@ def test_gpu_multinode_fits_the_rayjob_worker_group():
     assert gpus_per_pod <= instance_gpus
 
     pod_cpus = cpus(resources["limits"]["cpu"])
-    assert config.bm25.searchers_per_node * config.bm25.cpus_per_searcher <= pod_cpus
+    # The engines stay up through BM25 (one CPU per GPU in their placement groups).
+    bm25_cpus = config.bm25.searchers_per_node * config.bm25.cpus_per_searcher
+    assert bm25_cpus + gpus_per_pod <= pod_cpus
 
     # Tensor parallelism talks through /dev/shm: it must be a memory-backed volume.
     shm = [m["name"] for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]

@@ -26,6 +26,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
+from rare_ray.engines.vllm import REPLICA_CLASS
 from tests.helpers import (
     LOCAL_CONFIG,
     REPO,
@@ -110,7 +111,7 @@ def _kill_driver(proc: subprocess.Popen) -> None:
 def _engine_actor(proc: subprocess.Popen) -> psutil.Process | None:
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if "vLLMEngineStageUDF" in " ".join(child.cmdline()):
+            if REPLICA_CLASS in " ".join(child.cmdline()):
                 return child
         except psutil.NoSuchProcess:
             continue

@@ -2,7 +2,7 @@
 
 The failure is real: a thread sends SIGKILL to the vLLM engine actor of this session's Ray
 whenever it is working on a batch (as an OOM killer that keeps striking would), never while it
-is starting. ``ray.data.llm`` alone would restart it and retry the batch forever; here the
+is starting. Ray's defaults would restart it and retry the batch forever; here the
 actor gets ``engine.max_restarts`` restarts, then the batch is given up and its rows become
 rejects carrying the error, and the run finishes with counts that reconcile.
 """
@@ -19,6 +19,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from rare_ray import pipeline
+from rare_ray.engines.vllm import REPLICA_CLASS
+from rare_ray.runner import batch_error
 from tests.helpers import local_config_in, sample_rows, write_jsonl
 
 
@@ -35,7 +37,7 @@ def engine_killer() -> Iterator[list[int]]:
                     title = " ".join(proc.cmdline())
                 except psutil.Error:
                     continue
-                if "MapBatches(vLLMEngineStageUDF)" in title and "__init__" not in title:
+                if f"{REPLICA_CLASS}.generate" in title:
                     killed.append(proc.pid)
                     with contextlib.suppress(psutil.Error):
                         engine_core = proc.children(recursive=True)  # vLLM's own processes
@@ -75,3 +77,20 @@ def test_a_dying_engine_is_restarted_a_bounded_number_of_times_then_rows_are_rej
         assert row["stage"] == "distill"
         assert row["reason"].startswith("distill: the batch holding this row failed after its")
         assert "ActorDiedError" in row["reason"]
+
+
+def test_a_batch_error_is_the_first_error_of_the_chain_not_ray_datas_advice():
+    text = (
+        "ray::MapWorker(MapBatches(EngineWorker)).submit()\n"
+        '  File "rare_ray/engines/vllm.py", line 313, in generate\n'
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: EngineReplica\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+        "To change retry attempts, configure `ray.data.DataContext.get_current()`"
+    )
+    wrapped = RuntimeError(text)
+    assert batch_error(wrapped) == (
+        "ActorDiedError: The actor died unexpectedly before finishing this task."
+    )
+    assert batch_error(ValueError("no traceback in here")) == "ValueError: no traceback in here"

@@ -27,7 +27,7 @@ import ray
 
 from rare_ray.bench.common import read_jsonl
 from rare_ray.config import BM25Config
-from rare_ray.engines.index_broadcast import local_index
+from rare_ray.engines.index_broadcast import IndexHandle, local_index
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
 from rare_ray.operators import BM25HardNeg, StageContext
@@ -101,17 +101,26 @@ def bench_size(size: int, config: BM25Config, repeats: int) -> Row:
     stage_cpus = searchers * max(config.cpus_per_searcher, config.threads_per_searcher)
 
     threads = max(1, round(stage_cpus))
+    plain_s = plain_search_s(index, config, [q["question"] for q in query_rows], threads)
+    return Row(size, build_s, len(query_rows) / stage_s, stage_cpus, len(query_rows) / plain_s,
+               threads)  # fmt: skip
+
+
+def plain_search_s(
+    index: IndexHandle, config: BM25Config, questions: list[str], threads: int
+) -> float:
+    """Seconds plain pyserini takes to search ``questions`` (``batch_search`` in batches of
+    ``config.batch_size``, ``config.depth`` hits each) on ``threads`` threads, in this process."""
     searcher = LuceneSearcher(
         local_index(index, config.local_dir), k1=config.k1, b=config.b, threads=threads
     )
-    questions = [q["question"] for q in query_rows]
-    start = time.perf_counter()
-    for i in range(0, len(questions), config.batch_size):
-        searcher.search(questions[i : i + config.batch_size], config.depth)
-    plain_s = time.perf_counter() - start
-    searcher.close()
-    return Row(size, build_s, len(query_rows) / stage_s, stage_cpus, len(query_rows) / plain_s,
-               threads)  # fmt: skip
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(questions), config.batch_size):
+            searcher.search(questions[i : i + config.batch_size], config.depth)
+        return time.perf_counter() - start
+    finally:
+        searcher.close()
 
 
 def main(sizes: list[int], searchers_per_node: int, repeats: int, local_dir: str) -> list[Row]:

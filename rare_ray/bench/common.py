@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rare_ray.engines.vllm import REPLICA_CLASS
+
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
@@ -21,7 +23,7 @@ def engine_starts(since: float) -> list[tuple[float, float]]:
     starts = []
     for event in ray.timeline():
         what = f"{event.get('cat', '')} {event.get('name', '')}"
-        if "vLLMEngineStageUDF" in what and "__init__" in what and "ts" in event:
+        if REPLICA_CLASS in what and "__init__" in what and "ts" in event:
             start = float(event["ts"]) / 1e6
             if start >= since:
                 starts.append((start, float(event.get("dur", 0)) / 1e6))

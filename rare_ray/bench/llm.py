@@ -1,11 +1,11 @@
-"""Benchmark: the LLM stages through Ray Data and ``ray.data.llm`` against bare vLLM.
+"""Benchmark: the LLM stages through Ray Data and the run's engine replicas against bare vLLM.
 
 For each LLM stage (Doc2Query, ReasonDistill), in one run, on the same rows, the same prompts
 and the same engine settings:
 
 - **bare vLLM**: the requests the stage would send (rendered by the operator's own ``render``
   with the same token budgets), through ``vllm.LLM.chat`` in one process of its own, with the
-  engine arguments that ``rare_ray.engines.vllm.processor_config`` gives the stage, and the
+  engine arguments that ``rare_ray.engines.vllm.engine_kwargs`` gives the stage's replicas, and the
   scheduler limits (``max_num_seqs``, ``max_num_batched_tokens``) that the stage's async engine
   resolves from them: ``vllm.LLM`` would otherwise pick other defaults (on a CPU, twice the
   sequences and batched tokens). Timed from the call to the last output; the engine's
@@ -119,19 +119,12 @@ def requests(rows: list[dict[str, Any]], render: Render, model: str) -> list[dic
 
 
 def bare_engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
-    """The engine arguments the stage's vLLM gets, for ``vllm.LLM``.
+    """The engine arguments the stage's vLLM replicas get (``engine_kwargs``), for ``vllm.LLM``
+    (which has no request logging to turn off)."""
+    from rare_ray.engines.vllm import engine_kwargs
 
-    ``processor_config`` builds them; ``ray.data.llm``'s engine stage then picks the single-process
-    executor for one device per replica, as it does here.
-    """
-    from rare_ray.engines.vllm import processor_config
-
-    kwargs = dict(processor_config(engine).engine_kwargs)
-    kwargs.pop("task_type", None)
-    if engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
-        kwargs.setdefault("distributed_executor_backend", "uni")
-    # The stage's async engine logs its stats (vLLM's default there); vllm.LLM's default is off.
-    kwargs.setdefault("disable_log_stats", False)
+    kwargs = engine_kwargs(engine)
+    kwargs.pop("enable_log_requests", None)
     return kwargs
 
 
@@ -273,20 +266,27 @@ def run_stage(rows: list[dict[str, Any]], engine: VLLMEngineConfig, render: Rend
     import ray
 
     from rare_ray.engines import generate
+    from rare_ray.engines.vllm import VLLMPool
 
     ds = ray.data.from_items(rows)
     wall_start, start = time.time(), time.perf_counter()
     first = None
     n = tokens = errors = 0
-    batches = generate(ds, engine, render).iter_batches(batch_format="pyarrow", batch_size=None)
-    for batch in cast(Iterator[pa.Table], batches):
-        if batch.num_rows and first is None:
-            first = time.perf_counter()
-        n += batch.num_rows
-        tokens += sum(t or 0 for t in batch[GENERATED_TOKENS].to_pylist())
-        errors += sum(e is not None for e in batch[INFERENCE_ERROR].to_pylist())
-    done = time.perf_counter()
-    wall_done = time.time()
+    pool = VLLMPool.start(engine)
+    try:
+        batches = generate(ds, engine, render, pool).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
+        for batch in cast(Iterator[pa.Table], batches):
+            if batch.num_rows and first is None:
+                first = time.perf_counter()
+            n += batch.num_rows
+            tokens += sum(t or 0 for t in batch[GENERATED_TOKENS].to_pylist())
+            errors += sum(e is not None for e in batch[INFERENCE_ERROR].to_pylist())
+        done = time.perf_counter()
+        wall_done = time.time()
+    finally:
+        pool.close()
 
     # Task events reach the timeline within about a second; wait for the actor's.
     ready = None
@@ -311,10 +311,10 @@ def run_stage(rows: list[dict[str, Any]], engine: VLLMEngineConfig, render: Rend
 
 def stage_prompt_tokens(rows: list[dict[str, Any]], model: str, render: Render) -> int:
     """Prompt tokens the stage sends for ``rows``, from its own render step (outside timing)."""
-    from rare_ray.engines.vllm import PROMPT_TOKENS, render_batch
+    from rare_ray.engines.vllm import render_prompts
 
-    table = render_batch(pa.Table.from_pylist(rows), model, render)
-    return sum(len(p) for p in table[PROMPT_TOKENS].to_pylist())
+    prompts, _, _ = render_prompts(rows, model, render)
+    return sum(len(p) for p in prompts)
 
 
 def compare(name: str, config: RunConfig, n: int) -> Comparison:

@@ -1,15 +1,21 @@
-"""What every LLM backend shares: the request an operator renders and the columns it gets back.
+"""What every LLM backend shares: the request an operator renders and what it gets back.
 
 An operator describes each request with a function ``render(row, fit) -> (messages, sampling)``
 (``Render``), where ``fit(text, max_tokens)`` (``Fit``) cuts a document to a token budget and
-counts the cuts (``TokenBudget`` does it with the model's own tokenizer). ``sampling`` is
-vLLM-shaped; ``json_schema_sampling`` adds a JSON-schema constraint to it.
+counts the cuts (``TokenBudget`` does it with the model's own tokenizer, ``CharBudget`` by
+characters where the tokenizer is unknown). ``sampling`` is vLLM-shaped;
+``json_schema_sampling`` adds a JSON-schema constraint to it.
 
-Whichever backend runs it (``rare_ray.engines.generate`` picks one by ``engine.kind``), every
-input row comes back with its own columns, types untouched, followed by ``RESULT_FIELDS``:
-``_truncated`` (documents cut to fit), ``_generated_text``, ``_generated_tokens`` (a response
-cut off at ``max_tokens`` counts at least ``max_tokens``) and ``_inference_error`` (null, or why
-the request failed). ``with_results`` builds that table for both backends.
+A backend is an ``EngineHandle``: started once on the driver (``rare_ray.engines.Engines``
+starts one per engine config and keeps it for the whole run), picklable, so that a stage's
+workers each open a ``Client`` on it. ``Client.generate(rows, render)`` renders the rows and
+answers each with a ``Generation``: its text, its tokens (a response cut off at
+``max_tokens`` counts at least ``max_tokens``), its error (None, or why the request failed;
+never an exception for one row) and how many documents its render cut to fit.
+
+``rare_ray.engines.generate`` runs one request per row of a Dataset on a client and gives back
+every input row with its own columns, types untouched, followed by ``RESULT_FIELDS``
+(``with_results`` builds that table).
 
 No import of the backends here, nor of Ray; transformers is imported only to load a tokenizer.
 """
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pyarrow as pa
 
@@ -40,6 +47,42 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field(INFERENCE_ERROR, pa.string()),
 ]
 RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS)
+
+
+@dataclass
+class Generation:
+    """One request's answer: ``error`` is None or why it failed (then ``text`` is empty)."""
+
+    text: str = ""
+    tokens: int = 0
+    error: str | None = None
+    truncated: int = 0  # documents its render cut to their token budget
+
+
+class Client(Protocol):
+    """An open connection to an engine, inside one worker."""
+
+    async def generate(self, rows: Sequence[dict[str, Any]], render: Render) -> list[Generation]:
+        """Renders every row and answers it; one ``Generation`` per row, in order."""
+        ...
+
+
+class EngineHandle(Protocol):
+    """A started engine, as the driver holds it and hands it (pickled) to a stage's workers."""
+
+    def client(self) -> Client:
+        """Opens a client in the calling process (a worker)."""
+        ...
+
+    def reports(self) -> list[dict[str, Any]]:
+        """What each of its engines did so far (``time.time()`` stamps; empty when the engine
+        is not ours, like a server's): ``start_s``, ``ready_at``, ``first_token_at``,
+        ``last_token_at``, ``busy_s`` (seconds it had requests running), ``requests``."""
+        ...
+
+    def close(self) -> None:
+        """Stops the engine (on the driver, once no stage needs it)."""
+        ...
 
 
 def with_results(
@@ -83,6 +126,29 @@ class TokenBudget:
             return text
         self.truncated += 1
         return cast(str, self.tokenizer.decode(ids[:max_tokens]))
+
+
+class CharBudget:
+    """Cuts documents to ``chars_per_token`` characters per token of budget; counts the cuts."""
+
+    def __init__(self, chars_per_token: float):
+        self.chars_per_token = chars_per_token
+        self.truncated = 0
+
+    def __call__(self, text: str, max_tokens: int) -> str:
+        limit = int(max_tokens * self.chars_per_token)
+        if len(text) <= limit:
+            return text
+        self.truncated += 1
+        cut = text[:limit]
+        # End on a word boundary when there is one near the end.
+        space = cut.rfind(" ", int(limit * 0.9))
+        return cut[:space] if space > 0 else cut
+
+
+def chars_per_token(tokenizer: Any, sample: str) -> float:
+    """How many characters of ``sample`` one token of ``tokenizer`` covers, on average."""
+    return len(sample) / max(1, len(tokenizer.encode(sample, add_special_tokens=False)))
 
 
 def json_schema_sampling(schema: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""Batch generation against an OpenAI-compatible chat-completions API, as Ray Data actors.
+"""Generation against an OpenAI-compatible chat-completions API.
 
-``generate(ds, engine, render)`` gives the columns of ``rare_ray.engines.contract``, as the
-vLLM backend does: each row's own columns (types untouched), then ``_truncated``,
-``_generated_text``, ``_generated_tokens`` and ``_inference_error``. ``engine.workers`` actors each keep up to
-``engine.concurrency`` requests in flight (asyncio + aiohttp, which ``ray[default]`` installs).
+``OpenAIEndpoint`` is the engine handle (``rare_ray.engines.contract``): nothing to start, as
+the server runs on its own, and every stage of a run shares it. Each of a stage's
+``engine.workers`` actors opens an ``OpenAIClient`` on it, which keeps up to
+``engine.concurrency`` requests in flight (asyncio + aiohttp, which ``ray[default]`` installs)
+and answers each row with a ``Generation``, as the vLLM backend does.
 
 Why not ``ray.data.llm``'s ``HttpRequestProcessorConfig`` (Ray 2.60): its stage raises once a
 request has used up its retries, failing the whole job instead of marking the row (it has no
@@ -51,16 +52,21 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import ray.data
 from pydantic import SecretStr
 
 from rare_ray.config import OpenAIEngineConfig
-from rare_ray.engines.contract import Messages, Render, TokenBudget, load_tokenizer, with_results
+from rare_ray.engines.contract import (
+    CharBudget,
+    Generation,
+    Messages,
+    Render,
+    TokenBudget,
+    load_tokenizer,
+)
 from rare_ray.vocabulary import REDACTED
 
 logger = logging.getLogger("rare_ray")
@@ -74,24 +80,6 @@ MAX_ERROR_CHARS = 500
 def retryable(status: int) -> bool:
     """Statuses worth another try: request timeout, rate limit, server errors."""
     return status in (408, 429) or 500 <= status <= 599
-
-
-class CharBudget:
-    """Cuts documents to ``chars_per_token`` characters per token of budget; counts the cuts."""
-
-    def __init__(self, chars_per_token: float):
-        self.chars_per_token = chars_per_token
-        self.truncated = 0
-
-    def __call__(self, text: str, max_tokens: int) -> str:
-        limit = int(max_tokens * self.chars_per_token)
-        if len(text) <= limit:
-            return text
-        self.truncated += 1
-        cut = text[:limit]
-        # End on a word boundary when there is one near the end.
-        space = cut.rfind(" ", int(limit * 0.9))
-        return cut[:space] if space > 0 else cut
 
 
 def request_body(
@@ -124,13 +112,6 @@ def _response_format(constraint: Mapping[str, Any], strict: bool) -> dict[str, A
             "strict": strict,
         },
     }
-
-
-@dataclass
-class Generation:
-    text: str = ""
-    tokens: int = 0
-    error: str | None = None
 
 
 class _Refused(ValueError):
@@ -213,17 +194,33 @@ def _error_text(status: int, raw: bytes) -> str:
     return f"HTTP {status}: {text}" if text else f"HTTP {status}"
 
 
-class OpenAIWorker:
-    """Ray Data UDF (an actor): renders a batch's rows and sends them to the server.
+@dataclass(frozen=True)
+class OpenAIEndpoint:
+    """The engine handle: the server's settings, and the driver's key for workers that lack it."""
 
-    Plain Python too: ``await OpenAIWorker(engine, render)(table)`` runs one batch.
-    """
+    engine: OpenAIEngineConfig
+    driver_key: SecretStr | None = None
 
-    def __init__(
-        self, engine: OpenAIEngineConfig, render: Render, driver_key: SecretStr | None = None
-    ):
+    @classmethod
+    def start(cls, engine: OpenAIEngineConfig) -> OpenAIEndpoint:
+        key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
+        return cls(engine, SecretStr(key) if key else None)
+
+    def client(self) -> OpenAIClient:
+        return OpenAIClient(self.engine, self.driver_key)
+
+    def reports(self) -> list[dict[str, Any]]:
+        return []  # the server's engines are not ours to watch
+
+    def close(self) -> None:
+        return None  # nor to stop
+
+
+class OpenAIClient:
+    """Renders rows and sends them to the server, from one worker (``Client``)."""
+
+    def __init__(self, engine: OpenAIEngineConfig, driver_key: SecretStr | None = None):
         self.engine = engine
-        self.render = render
         self.url = f"{engine.base_url}/chat/completions"
         self._key = self._resolve_key(driver_key)
         self._headers = {"Content-Type": "application/json"}
@@ -260,21 +257,23 @@ class OpenAIWorker:
             return TokenBudget(self.engine.tokenizer)
         return CharBudget(self.engine.chars_per_token)
 
-    def _render(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    def _render(
+        self, rows: Sequence[dict[str, Any]], render: Render
+    ) -> tuple[list[dict[str, Any]], list[int]]:
         bodies, truncated = [], []
         with self._render_lock:
             for row in rows:
                 fit = self._budget()
-                messages, sampling = self.render(row, fit)
+                messages, sampling = render(row, fit)
                 bodies.append(request_body(self.engine, messages, sampling))
                 truncated.append(fit.truncated)
         return bodies, truncated
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
+    async def generate(self, rows: Sequence[dict[str, Any]], render: Render) -> list[Generation]:
         import aiohttp
 
         # Tokenizing is CPU work: off the event loop that other batches' requests share.
-        bodies, truncated = await asyncio.to_thread(self._render, batch.to_pylist())
+        bodies, truncated = await asyncio.to_thread(self._render, rows, render)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.engine.concurrency)
         async with aiohttp.ClientSession(
@@ -282,13 +281,9 @@ class OpenAIWorker:
             connector=aiohttp.TCPConnector(limit=self.engine.concurrency),
         ) as session:
             results = await asyncio.gather(*(self._request(session, b) for b in bodies))
-        return with_results(
-            batch,
-            truncated=truncated,
-            text=[r.text for r in results],
-            tokens=[r.tokens for r in results],
-            errors=[r.error for r in results],
-        )
+        for result, cut in zip(results, truncated, strict=True):
+            result.truncated = cut
+        return list(results)
 
     async def _request(self, session: Any, body: dict[str, Any]) -> Generation:
         assert self._slots is not None
@@ -336,19 +331,3 @@ class OpenAIWorker:
                 logger.debug("request failed (%s), retry %d in %.1f s", last_error, attempt, delay)
                 await asyncio.sleep(delay)
         return Generation(error=f"{last_error} (gave up after {attempts} attempts)")
-
-
-def generate(ds: ray.data.Dataset, engine: OpenAIEngineConfig, render: Render) -> ray.data.Dataset:
-    """Run one request per row of ``ds``; every input row comes back, with its generation."""
-    driver_key = None
-    if engine.api_key_env and os.environ.get(engine.api_key_env):
-        driver_key = SecretStr(os.environ[engine.api_key_env])
-    # Blocks of one batch each, so that every worker gets some (as on the vLLM path).
-    return ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(
-        OpenAIWorker,
-        fn_constructor_kwargs={"engine": engine, "render": render, "driver_key": driver_key},
-        batch_format="pyarrow",
-        batch_size=engine.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=engine.workers),
-        num_cpus=engine.cpus_per_worker,
-    )

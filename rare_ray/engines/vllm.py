@@ -1,155 +1,317 @@
-"""The in-cluster vLLM backend, through ``ray.data.llm``.
+"""The in-cluster vLLM backend: engine replicas that live as long as the run.
 
-``generate(ds, engine, render)`` renders each row (``render_batch``: chat template and prompt
-tokens, next to the renderer's tokenizer), runs the prompts through a ``ray.data.llm`` vLLM
-processor built from ``processor_config(engine)``, and gives back the columns of
-``rare_ray.engines.contract``.
+``VLLMPool.start(engine)`` starts ``engine.replicas`` Ray actors (``EngineReplica``), each with
+one vLLM ``AsyncLLMEngine``, and returns at once: the engines load while the driver goes on.
+Every stage of the run that uses the same engine config gets the same pool
+(``rare_ray.engines.Engines``), so Doc2Query, its re-asks and ReasonDistill all run on engines
+started once. A stage's workers open a ``VLLMClient`` on the pool: it renders rows next to the
+tokenizer it already holds (chat template, prompt token ids) and sends each batch to a replica,
+which runs its requests concurrently in the engine's continuous batching. ``close()`` shuts
+the engines down before their actors go, so that a successful run ends without vLLM's
+shutdown tracebacks.
+
+Why engine actors of our own (the design choice of issue 12; the design notes' default is
+``ray.data.llm`` "unless a measured blocker says otherwise", and this is that blocker, measured
+by ``rare-ray bench pipeline`` in ``BENCHMARKS.md``). ``ray.data.llm`` ties an engine
+to one Dataset execution: its engine actors are a Ray Data actor pool, started when the
+Dataset starts and torn down when it ends. The job ran three executions on engines (Doc2Query,
+the pass of its re-asks, ReasonDistill), so it started three engines per run, each of them
+minutes of every GPU on a cluster, and the re-ask pass started one for a handful of rows. The
+candidates were:
+
+- a ``ray.serve.llm`` deployment, driven through the OpenAI-compatible engine: one engine for
+  the run and an HTTP hop per request; it needs ``ray[serve]`` and ``ray[llm]``, whose pinned
+  vLLM is the CUDA build (it cannot be installed on the CPU machines the tests run on, so it
+  could not be measured here);
+- one streaming Ray Data pipeline for the three stages: BM25 would hide behind generation,
+  but each LLM stage would still be its own ``ray.data.llm`` processor with its own engines
+  (two per model), and a re-ask cannot flow back upstream in a Dataset;
+- engine actors owned by the run (this module): one engine start per replica per run,
+  re-asks sent to the same engine from inside the batch that needed them, the engines kept
+  warm across stages, and everything else (checkpoints, resume, Ray Data's streaming over the
+  stage's rows) unchanged. ``rare-ray bench pipeline`` measures it against the processor
+  (``BENCHMARKS.md``).
+
+Restarts. A replica is a Ray actor with ``max_restarts`` = ``engine.max_restarts`` and as many
+task retries: an engine whose process dies (``EngineDeadError``) exits its actor, Ray starts a
+new one and retries the batch on it; a replica that keeps dying fails the stage instead of
+looping. One request that fails leaves its error in its row and never fails the batch.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any
-
-import pyarrow as pa
-import ray.data
+import asyncio
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from rare_ray.config import VLLMEngineConfig
-from rare_ray.engines.contract import (
-    TRUNCATED,
-    Render,
-    TokenBudget,
-    load_tokenizer,
-    with_results,
-)
+from rare_ray.engines.contract import Generation, Render, TokenBudget, load_tokenizer
 
-if TYPE_CHECKING:
-    from ray.data.llm import Processor
+logger = logging.getLogger("rare_ray")
 
-PROMPT_TOKENS = "tokenized_prompt"  # what ray.data.llm's engine stage takes as the prompt
-ENGINE_STAGE = "vLLMEngineStage"  # the engine stage's name in the processor's stages
+# The engines' actor class, by name: the benches read its starts from Ray's task events.
+REPLICA_CLASS = "EngineReplica"
 
 
-def render_batch(batch: pa.Table, model: str, render: Render) -> pa.Table:
-    """Each row's request, ready for the engine: the prompt as token ids, sampling parameters.
+def engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
+    """vLLM's ``AsyncEngineArgs`` for one replica (the model aside)."""
+    parallel = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    return {
+        "max_model_len": engine.max_model_len,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        # One GPU: vLLM's single-process executor; more: its Ray executor, whose workers land
+        # in the replica's placement group (the actor captures it for its child tasks).
+        "distributed_executor_backend": "uni" if parallel == 1 else "ray",
+        # No free-form whitespace inside JSON answers: a weak model can loop on it forever.
+        "structured_outputs_config": {
+            "backend": engine.structured_output_backend,
+            "disable_any_whitespace": True,
+        },
+        "enable_log_requests": False,
+        # vLLM's periodic stats lines; the manifest and the benches record what we need.
+        "disable_log_stats": True,
+        **engine.engine_kwargs,
+    }
 
-    The chat template and the tokenizer run here, next to the renderer that already holds the
-    tokenizer, instead of in two more actor stages of ``ray.data.llm`` (and the prompt is
-    tokenized as vLLM's own chat API does it, without adding special tokens twice).
+
+def sampling_params(params: dict[str, Any]) -> Any:
+    """vLLM ``SamplingParams`` from an operator's sampling dict (``json_schema_sampling``'s
+    ``structured_outputs`` included)."""
+    import vllm
+    from vllm.sampling_params import StructuredOutputsParams
+
+    params = dict(params)
+    constraint = params.pop("structured_outputs", None)
+    return vllm.SamplingParams(
+        **params, structured_outputs=StructuredOutputsParams(**constraint) if constraint else None
+    )
+
+
+class EngineReplica:
+    """One vLLM engine in a Ray actor (async: its requests share the engine's batches).
+
+    Besides generating it keeps the numbers the benches report: when it was ready, when its
+    first token came, and how long it had requests running.
     """
+
+    def __init__(self, model: str, kwargs: dict[str, Any]):
+        import vllm
+
+        started = time.time()
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(
+            vllm.AsyncEngineArgs(model=model, **kwargs)
+        )
+        self.stats: dict[str, Any] = {
+            "start_s": time.time() - started,
+            "ready_at": time.time(),
+            "first_token_at": None,
+            "last_token_at": None,
+            "busy_s": 0.0,
+            "requests": 0,
+        }
+        self._running = 0
+        self._busy_since = 0.0
+
+    async def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sequence[dict[str, Any]]
+    ) -> list[tuple[str, int, str | None]]:
+        """``(text, generated tokens, error)`` per prompt (token ids), in order."""
+        return list(
+            await asyncio.gather(*(self._one(p, s) for p, s in zip(prompts, sampling, strict=True)))
+        )
+
+    async def _one(
+        self, prompt: Sequence[int], sampling: dict[str, Any]
+    ) -> tuple[str, int, str | None]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._enter()
+        try:
+            final = None
+            async for out in self.engine.generate(
+                request_id=uuid.uuid4().hex,
+                prompt=TokensPrompt(prompt_token_ids=list(prompt)),
+                sampling_params=sampling_params(sampling),
+            ):
+                now = time.time()
+                self.stats["first_token_at"] = self.stats["first_token_at"] or now
+                self.stats["last_token_at"] = now
+                final = out
+            if final is None or not final.outputs:
+                return "", 0, "the engine finished the request without an output"
+            completion = final.outputs[0]
+            return completion.text, len(completion.token_ids), None
+        except EngineDeadError as e:
+            # The engine's process is gone, this actor is not: exit it, so that Ray starts a
+            # new replica and retries the batch there (a retry on this one would fail again).
+            logger.error("vLLM engine died (%s); exiting the replica so Ray restarts it", e)
+            os._exit(1)
+        except Exception as e:  # this request's error, not the batch's
+            return "", 0, f"{type(e).__name__}: {e}"
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        if self._running == 0:
+            self._busy_since = time.time()
+        self._running += 1
+        self.stats["requests"] += 1
+
+    def _leave(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self.stats["busy_s"] += time.time() - self._busy_since
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.stats)
+
+    def shutdown(self) -> None:
+        """Stops the engine's processes while the actor still runs (then it is killed)."""
+        self.engine.shutdown()
+
+
+@dataclass
+class VLLMPool:
+    """The run's replicas of one engine config (the engine handle of this backend)."""
+
+    engine: VLLMEngineConfig
+    replicas: list[Any]  # actor handles
+    groups: list[Any] = field(default_factory=list)  # their placement groups, when they have one
+
+    @classmethod
+    def start(cls, engine: VLLMEngineConfig) -> VLLMPool:
+        """Starts the replicas without waiting for them: the first batch sent waits instead."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        replicas, groups = [], []
+        options: dict[str, Any] = {
+            "max_restarts": engine.max_restarts,
+            "max_task_retries": engine.max_restarts,
+            # Requests of every batch in flight at once, plus the bench's report calls.
+            "max_concurrency": 1000,
+        }
+        parallel = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        for _ in range(engine.replicas):
+            actor_options = dict(options)
+            if engine.device == "cpu":
+                actor_options["num_cpus"] = engine.cpus_per_replica
+            elif parallel == 1:
+                actor_options.update(num_cpus=1, num_gpus=1)
+                if engine.accelerator_type:
+                    actor_options["accelerator_type"] = engine.accelerator_type
+            else:
+                bundle: dict[str, float] = {"GPU": 1, "CPU": 1}
+                if engine.accelerator_type:
+                    bundle[f"accelerator_type:{engine.accelerator_type}"] = 0.001
+                group = ray.util.placement_group([dict(bundle)] * parallel, strategy="PACK")
+                groups.append(group)
+                # The actor itself takes nothing; vLLM's Ray workers take the bundles.
+                actor_options.update(
+                    num_cpus=0,
+                    num_gpus=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_capture_child_tasks=True
+                    ),
+                )
+            actor = ray.remote(EngineReplica).options(**actor_options)
+            replicas.append(actor.remote(engine.model, engine_kwargs(engine)))
+        return cls(engine, replicas, groups)
+
+    def client(self) -> VLLMClient:
+        return VLLMClient(self.engine, self.replicas)
+
+    def reports(self, timeout_s: float = 60) -> list[dict[str, Any]]:
+        """Each replica's numbers (``EngineReplica.stats``; a restarted one's since its
+        restart; for one that died for good, why)."""
+        import ray
+
+        reports = []
+        for replica in self.replicas:
+            try:
+                reports.append(ray.get(replica.report.remote(), timeout=timeout_s))
+            except ray.exceptions.RayError as e:
+                reports.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+        return reports
+
+    def close(self, timeout_s: float = 120) -> None:
+        """Engines first, then their actors and placement groups."""
+        import ray
+
+        for replica in self.replicas:
+            try:
+                ray.get(replica.shutdown.remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                pass  # it died (and stopped its engine) on its own
+            except Exception as e:  # a replica that cannot shut down cleanly is killed anyway
+                logger.warning("vLLM engine shutdown: %s: %s", type(e).__name__, e)
+            ray.kill(replica)
+        for group in self.groups:
+            ray.util.remove_placement_group(group)
+        self.replicas, self.groups = [], []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers get the replicas, never the placement groups they do not manage.
+        return {"engine": self.engine, "replicas": self.replicas, "groups": []}
+
+
+def render_prompts(
+    rows: Sequence[dict[str, Any]], model: str, render: Render
+) -> tuple[list[list[int]], list[dict[str, Any]], list[int]]:
+    """Each row's prompt as token ids (chat template applied), its sampling parameters, and
+    how many of its documents were cut to their token budgets."""
     tokenizer = load_tokenizer(model)
     prompts, sampling, truncated = [], [], []
-    for row in batch.to_pylist():
+    for row in rows:
         fit = TokenBudget(model)
         messages, params = render(row, fit)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompts.append(tokenizer.encode(text, add_special_tokens=False))
         sampling.append(params)
         truncated.append(fit.truncated)
-    return (
-        batch.append_column(PROMPT_TOKENS, pa.array(prompts, pa.list_(pa.int32())))
-        .append_column("sampling_params", pa.array(sampling))
-        .append_column(TRUNCATED, pa.array(truncated, pa.int32()))
-    )
+    return prompts, sampling, truncated
 
 
-def _project(batch: pa.Table, keep: pa.Schema) -> pa.Table:
-    """The input columns and the generation's results; drops the processor's own columns.
+class VLLMClient:
+    """Renders rows into prompt token ids and sends them to the pool's replicas (``Client``).
 
-    The processor passes rows through Python dicts, which widens types (int32 to int64,
-    float32 to double): the input columns get their own types back.
+    The chat template and the tokenizer run here, next to the renderer that already holds the
+    tokenizer for the documents' token budgets; the prompt is tokenized as vLLM's own chat API
+    does it, without adding special tokens twice. Batches go to the replicas in turn, from a
+    random first one, so that every worker spreads its batches over all of them.
     """
-    inputs = pa.table({f.name: batch[f.name].cast(f.type) for f in keep})
-    errors = batch["__inference_error__"].to_pylist()
-    return with_results(
-        inputs,
-        truncated=batch[TRUNCATED],
-        text=batch["generated_text"],
-        tokens=batch["num_generated_tokens"],
-        errors=[e or None for e in errors],
-    )
 
+    def __init__(self, engine: VLLMEngineConfig, replicas: Sequence[Any]):
+        if not replicas:
+            raise RuntimeError("the vLLM engine pool is closed (no replica left)")
+        self.engine = engine
+        load_tokenizer(engine.model)  # once per worker; a bad path fails here
+        self._next = itertools.cycle(random.sample(list(replicas), len(replicas)))
+        # Batches render in threads; a Hugging Face tokenizer must not be used by two at once.
+        self._render_lock = threading.Lock()
 
-def processor_config(engine: VLLMEngineConfig) -> Any:
-    from ray.data.llm import vLLMEngineProcessorConfig
+    def _render(
+        self, rows: Sequence[dict[str, Any]], render: Render
+    ) -> tuple[list[list[int]], list[dict[str, Any]], list[int]]:
+        with self._render_lock:
+            return render_prompts(rows, self.engine.model, render)
 
-    engine_kwargs: dict[str, Any] = {
-        "max_model_len": engine.max_model_len,
-        "tensor_parallel_size": engine.tensor_parallel_size,
-        "pipeline_parallel_size": engine.pipeline_parallel_size,
-        # No free-form whitespace inside JSON answers: a weak model can loop on it forever.
-        "structured_outputs_config": {
-            "backend": engine.structured_output_backend,
-            "disable_any_whitespace": True,
-        },
-        **engine.engine_kwargs,
-    }
-    extra: dict[str, Any] = {}
-    if engine.device == "cpu":
-        # Without a placement group of its own, the engine asks Ray for a GPU.
-        extra["placement_group_config"] = {"bundles": [{"CPU": engine.cpus_per_replica}]}
-    elif engine.accelerator_type:
-        extra["accelerator_type"] = engine.accelerator_type
-    return vLLMEngineProcessorConfig(
-        model_source=engine.model,
-        engine_kwargs=engine_kwargs,
-        batch_size=engine.batch_size,
-        concurrency=engine.replicas,
-        max_concurrent_batches=engine.max_concurrent_batches,
-        # A failed request becomes a row with an error (a reject), not a failed job.
-        should_continue_on_error=True,
-        # Engine metrics need ray[serve]; the manifest records what we need.
-        log_engine_metrics=False,
-        # render_batch applies the chat template and tokenizes; vLLM detokenizes its output
-        # itself. Three more actor stages would only repeat that work on the engine's CPUs.
-        chat_template_stage=False,
-        tokenize_stage=False,
-        detokenize_stage=False,
-        **extra,
-    )
-
-
-def _build_processor(engine: VLLMEngineConfig) -> Processor:
-    """The ``ray.data.llm`` processor, its engine actors' restarts and retries bounded.
-
-    ``ray.data.llm`` leaves engine actors to Ray Data's defaults: restarted forever, their
-    batches retried forever, so an engine that dies on every request loops. Neither the
-    processor config nor the engine stage's config has a field for them in Ray 2.60, so they go
-    in through Ray's own stage hook, ``override_stage_config_fn(name, stage)`` of
-    ``ProcessorBuilder.build`` (ray/llm/_internal/batch/processor/base.py), called on every
-    stage as the processor is built. The public ``ray.data.llm.build_processor``
-    (ray/data/llm.py) is that same call without the hook in its signature.
-    """
-    from ray.llm._internal.batch.processor import ProcessorBuilder
-
-    bounded: list[str] = []
-
-    def bound_restarts(name: str, stage: Any) -> None:
-        if name == ENGINE_STAGE:
-            stage.map_batches_kwargs.update(
-                max_restarts=engine.max_restarts, max_task_retries=engine.max_restarts
-            )
-            bounded.append(name)
-
-    processor = ProcessorBuilder.build(
-        processor_config(engine), override_stage_config_fn=bound_restarts
-    )
-    if not bounded:  # a renamed stage must not quietly bring back endless restarts
-        raise RuntimeError(f"ray.data.llm built no {ENGINE_STAGE} to bound the restarts of")
-    return processor
-
-
-def generate(ds: ray.data.Dataset, engine: VLLMEngineConfig, render: Render) -> ray.data.Dataset:
-    """Run one request per row of ``ds``; every input row comes back, with its generation."""
-    keep = ds.schema().base_schema
-    processor = _build_processor(engine)
-    # Blocks of one engine batch each: Ray Data then keeps max_concurrent_batches of them in
-    # flight per engine. One big block would reach the engine a batch at a time.
-    prompts = ds.repartition(target_num_rows_per_block=engine.batch_size).map_batches(
-        functools.partial(render_batch, model=engine.model, render=render),
-        batch_format="pyarrow",
-        batch_size=engine.batch_size,
-    )
-    return processor(prompts).map_batches(
-        functools.partial(_project, keep=keep), batch_format="pyarrow"
-    )
+    async def generate(self, rows: Sequence[dict[str, Any]], render: Render) -> list[Generation]:
+        if not rows:
+            return []
+        prompts, sampling, truncated = await asyncio.to_thread(self._render, rows, render)
+        answers = await next(self._next).generate.remote(prompts, sampling)
+        return [
+            Generation(text, tokens, error, cut)
+            for (text, tokens, error), cut in zip(answers, truncated, strict=True)
+        ]

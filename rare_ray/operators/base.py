@@ -8,14 +8,18 @@ A stage (``Operator``) declares
   integer columns that the manifest sums);
 - ``resources``: what one of its workers reserves, and how many run;
 - ``settings()``: what its output depends on, so that a resumed run can refuse other ones;
-- ``passes``: how often it goes over rows (a stage that asks again makes one more pass over
-  the rows the pass before rejected), and ``pass_column``, the column that says which pass;
+- ``passes``: how often it goes over rows (a stage may redo, in a pass of its own, the rows
+  the pass before rejected; the LLM stages instead ask again inside the batch, on the engine
+  that is already running: ``LLMOperator.asks``), and ``pass_column``, the column that says
+  which pass (or ask) wrote a row;
 
 and has a lifecycle: ``check()`` on the driver before Ray starts (a model path that is not
 there), ``prepare(context)`` on the driver once Ray is up and before any stage runs (BM25
 starts building its index there, while the stages before it run), then ``run_pass(ds,
-attempt, context)``, lazy, once per pass. Workers set themselves up once in their actor's
-constructor (an engine, a searcher), then take batch after batch.
+attempt, context)``, lazy, once per pass. A stage that generates declares its LLM ``engines``:
+the pipeline starts them before ingest, once per run, and every stage finds them in
+``context.engines``. Workers set themselves up once in their actor's constructor (a client on
+an engine, a searcher), then take batch after batch.
 
 A pass never drops a row: every row of ``ds`` comes back with the stage's columns, failures
 carrying ``reject_reason``. ``run(ds)`` runs every pass in memory for Python users; the
@@ -27,6 +31,7 @@ whole one (a length filter) that runs through the real pipeline.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,12 +41,15 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from rare_ray.config import EngineConfig, OpenAIEngineConfig, output_settings
+from rare_ray.engines import Engines, map_with_engine
 from rare_ray.preflight import check_gpus, check_model
 from rare_ray.rows import REJECT_REASON, kept, rejected
 from rare_ray.vocabulary import ColumnKind
 
 if TYPE_CHECKING:
     import ray.data
+
+    from rare_ray.engines.contract import Client, Fit, Generation, Messages
 
 
 @dataclass(frozen=True)
@@ -67,11 +75,13 @@ def _print(message: str) -> None:
 class StageContext:
     """What the driver hands a stage: the corpus (for a stage that needs all of it, like
     BM25's index, built lazily: only a stage that asks reads it), the cluster's resources,
-    and where to say what it is doing."""
+    the run's LLM engines (started by the first stage that asks, shared by the others, closed
+    by whoever made the context), and where to say what it is doing."""
 
     corpus: Callable[[], ray.data.Dataset]
     cluster_resources: Mapping[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = _print
+    engines: Engines = field(default_factory=Engines)
 
     @classmethod
     def of(cls, ds: ray.data.Dataset) -> StageContext:
@@ -145,6 +155,13 @@ class Operator(ABC):
         return {}
 
     @property
+    def engines(self) -> Sequence[EngineConfig]:
+        """The LLM engines this stage generates on: the pipeline starts them (once per engine
+        config and run, shared with every other stage that names the same one) before ingest,
+        and the stage finds them in ``context.engines``."""
+        return ()
+
+    @property
     def output_fields(self) -> Sequence[pa.Field]:
         """Every column this operator adds, counters included."""
         return [*self.own_fields, *(pa.field(self.counter(c), pa.int32()) for c in self.counters)]
@@ -195,7 +212,16 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class LLMOperator(Operator, Generic[ConfigT]):
-    """An operator that generates with an LLM engine; its keys come as a config or keywords."""
+    """An operator that generates with an LLM engine; its keys come as a config or keywords.
+
+    A subclass says how to ask (``render``) and how to read an answer (``read``); this class
+    runs the asking. Each batch's rows are asked on the run's engine (``context.engines``, one
+    for every stage with the same engine config), and a row whose answer cannot be used is
+    asked again at once, on the same engine, up to ``asks`` times in all (a request that
+    failed in the engine or on the way is not: the backends retry those themselves). The row
+    keeps its last answer's outputs and reason, and ``pass_column`` (if any) says how many
+    asks it took.
+    """
 
     config_class: ClassVar[type[BaseModel]]
 
@@ -209,6 +235,24 @@ class LLMOperator(Operator, Generic[ConfigT]):
         self.engine = engine
         self.config: ConfigT = config or self.config_class(**keys)  # type: ignore[assignment]
         self.seed = seed
+
+    @abstractmethod
+    def render(
+        self, row: dict[str, Any], fit: Fit, attempt: int = 1
+    ) -> tuple[Messages, dict[str, Any]]:
+        """The request for ``row``'s ``attempt``-th ask: chat messages and sampling."""
+
+    @abstractmethod
+    def read(
+        self, row: dict[str, Any], answer: Generation, attempt: int
+    ) -> tuple[dict[str, Any], str | None]:
+        """``row``'s values of ``output_fields`` from ``answer``, and the reason it cannot be
+        used (None when it can)."""
+
+    @property
+    def asks(self) -> int:
+        """Asks per row at most: the first, and the re-asks of unusable answers."""
+        return 1
 
     @property
     def resources(self) -> Resources:
@@ -230,5 +274,44 @@ class LLMOperator(Operator, Generic[ConfigT]):
     def check(self) -> None:
         check_model(self.engine.model)
 
+    @property
+    def engines(self) -> Sequence[EngineConfig]:
+        return (self.engine,)
+
     def prepare(self, context: StageContext) -> None:
         check_gpus(self.engine, dict(context.cluster_resources))
+        # Started now unless the pipeline already did (then this finds it), so that the
+        # engines load while the stages before this one run.
+        context.engines.get(self.engine)
+
+    def run_pass(
+        self, ds: ray.data.Dataset, attempt: int, context: StageContext
+    ) -> ray.data.Dataset:
+        ours = {f.name for f in self.output_fields}
+        columns = [
+            c
+            for c in ds.columns()
+            if c != REJECT_REASON and c not in ours and not c.startswith("_")
+        ]
+        handle = context.engines.get(self.engine)
+        return map_with_engine(ds.select_columns(columns), self.engine, handle, self.answer)
+
+    async def answer(self, batch: pa.Table, client: Client) -> pa.Table:
+        """Every row of ``batch`` with this operator's columns, each asked up to ``asks``
+        times."""
+        rows = batch.to_pylist()
+        results: list[tuple[dict[str, Any], str | None]] = [({}, None)] * len(rows)
+        pending = list(range(len(rows)))
+        for attempt in range(1, self.asks + 1):
+            render = functools.partial(self.render, attempt=attempt)
+            answers = await client.generate([rows[i] for i in pending], render)
+            again = []
+            for i, answer in zip(pending, answers, strict=True):
+                results[i] = self.read(rows[i], answer, attempt)
+                if results[i][1] is not None and answer.error is None:
+                    again.append(i)
+            pending = again
+            if not pending:
+                break
+        outputs = {f.name: [r[0][f.name] for r in results] for f in self.output_fields}
+        return self.with_outputs(batch, outputs, [r[1] for r in results])

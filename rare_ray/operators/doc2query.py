@@ -1,36 +1,38 @@
 """Doc2Query: one self-contained, reasoning-heavy question and a scenario per document.
 
 The answer is constrained to a JSON schema (vLLM structured outputs), then parsed strictly.
-Rows whose answer is still unusable (cut off at ``max_tokens``, empty fields, engine errors)
-are asked again together, in a pass of their own, up to ``max_attempts`` asks in all; after
-that they are rejected with the last reason, never passed on with empty strings.
+A row whose answer is still unusable (cut off at ``max_tokens``, not JSON, an empty field) is
+asked again at once, on the same engine and with a new seed, up to ``max_attempts`` asks in
+all; after that, or after an engine error, it is rejected with the last reason, never passed
+on with empty strings.
+
+The schema lets each field hold ``max_field_chars`` characters, and an answer that fills them
+must fit in ``sampling.max_tokens``: ``check`` measures the tokenizer's characters per token
+and refuses, before any engine starts, a budget that the schema's own limits would overrun.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
-import ray.data
 
-from rare_ray.config import Doc2QueryConfig
-from rare_ray.engines import generate
+from rare_ray.config import Doc2QueryConfig, OpenAIEngineConfig
 from rare_ray.engines.contract import (
-    GENERATED_TEXT,
-    GENERATED_TOKENS,
-    INFERENCE_ERROR,
-    TRUNCATED,
     Fit,
+    Generation,
     Messages,
+    chars_per_token,
     json_schema_sampling,
+    load_tokenizer,
 )
-from rare_ray.operators.base import LLMOperator, StageContext
-from rare_ray.rows import ID, REJECT_REASON
+from rare_ray.operators.base import LLMOperator
+from rare_ray.rows import ID
 from rare_ray.seeding import row_seed
-from rare_ray.vocabulary import ColumnKind
+from rare_ray.vocabulary import ColumnKind, SettingsError
 
 SYSTEM_PROMPT = (
     "You write exam questions for training reasoning models. Each question is grounded in the "
@@ -58,6 +60,15 @@ def answer_schema(max_chars: int) -> dict[str, Any]:
         "required": ["question", "scenario"],
         "additionalProperties": False,
     }
+
+
+# Tokens of an answer besides its fields' text: braces, keys, quotes, the end of the text.
+ANSWER_OVERHEAD_TOKENS = 24
+
+
+def answer_tokens(max_field_chars: int, chars_per_token: float) -> int:
+    """Tokens an answer needs when both fields are as long as the schema lets them be."""
+    return math.ceil(2 * max_field_chars / chars_per_token) + ANSWER_OVERHEAD_TOKENS
 
 
 def parse_answer(text: str, tokens: int, max_tokens: int) -> tuple[str, str] | str:
@@ -104,15 +115,45 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         ]
 
     @property
-    def passes(self) -> int:
+    def asks(self) -> int:
         return self.config.max_attempts
 
     @property
     def pass_column(self) -> str:
         return self.attempts_column
 
+    def check(self) -> None:
+        super().check()
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        """Refuses a ``max_tokens`` that answers as long as the schema allows would overrun."""
+        cfg = self.config
+        if isinstance(self.engine, OpenAIEngineConfig) and not self.engine.tokenizer:
+            ratio = self.engine.chars_per_token
+            measured = f"engine.chars_per_token ({ratio:g})"
+        else:
+            model = self.engine.tokenizer if isinstance(self.engine, OpenAIEngineConfig) else None
+            tokenizer = load_tokenizer(model or self.engine.model)
+            # Prose like the answers', in the prompt's own words.
+            ratio = chars_per_token(tokenizer, SYSTEM_PROMPT + USER_PROMPT)
+            measured = f"{ratio:.2f} characters per token for this model's tokenizer"
+        need = answer_tokens(cfg.max_field_chars, ratio)
+        if cfg.sampling.max_tokens < need:
+            raise SettingsError(
+                f"doc2query.sampling.max_tokens ({cfg.sampling.max_tokens}) is too small for "
+                f"doc2query.max_field_chars ({cfg.max_field_chars}): two fields of that length "
+                f"take about {need} tokens at {measured}, so most answers would be cut off. "
+                f"Raise max_tokens to at least {need} or lower max_field_chars to at most "
+                f"{self.max_field_chars_for(cfg.sampling.max_tokens, ratio)}."
+            )
+
+    @staticmethod
+    def max_field_chars_for(max_tokens: int, ratio: float) -> int:
+        return max(0, math.floor((max_tokens - ANSWER_OVERHEAD_TOKENS) * ratio / 2))
+
     def render(
-        self, row: dict[str, Any], fit: Fit, attempt: int
+        self, row: dict[str, Any], fit: Fit, attempt: int = 1
     ) -> tuple[Messages, dict[str, Any]]:
         cfg = self.config
         document = fit(row[cfg.input_key], cfg.max_doc_tokens)
@@ -126,53 +167,21 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         )
         return messages, json_schema_sampling(answer_schema(cfg.max_field_chars), sampling)
 
-    def parse(self, batch: pa.Table, attempt: int) -> pa.Table:
+    def read(
+        self, row: dict[str, Any], answer: Generation, attempt: int
+    ) -> tuple[dict[str, Any], str | None]:
         cfg = self.config
-        questions: list[str | None] = []
-        scenarios: list[str | None] = []
-        reasons: list[str | None] = []
-        for text, tokens, error in zip(
-            batch[GENERATED_TEXT].to_pylist(),
-            batch[GENERATED_TOKENS].to_pylist(),
-            batch[INFERENCE_ERROR].to_pylist(),
-            strict=True,
-        ):
-            result = (
-                f"engine error: {error}"
-                if error
-                else parse_answer(text or "", tokens or 0, cfg.sampling.max_tokens)
-            )
-            if isinstance(result, str):
-                questions.append(None)
-                scenarios.append(None)
-                reasons.append(result)
-            else:
-                questions.append(result[0])
-                scenarios.append(result[1])
-                reasons.append(None)
-        n = batch.num_rows
-        return self.with_outputs(
-            batch,
-            {
-                cfg.output_question_key: questions,
-                cfg.output_scenario_key: scenarios,
-                self.attempts_column: [attempt] * n,
-                self.counter("truncated"): batch[TRUNCATED].to_pylist(),
-                self.counter("reasked"): [int(attempt > 1)] * n,
-            },
-            reasons,
+        result = (
+            f"engine error: {answer.error}"
+            if answer.error
+            else parse_answer(answer.text, answer.tokens, cfg.sampling.max_tokens)
         )
-
-    def run_pass(
-        self, ds: ray.data.Dataset, attempt: int, context: StageContext
-    ) -> ray.data.Dataset:
-        """One ask per row of ``ds`` (for ``attempt`` > 1, the rows whose answer failed)."""
-        ours = {f.name for f in self.output_fields}
-        columns = [
-            c
-            for c in ds.columns()
-            if c != REJECT_REASON and c not in ours and not c.startswith("_")
-        ]
-        return generate(
-            ds.select_columns(columns), self.engine, functools.partial(self.render, attempt=attempt)
-        ).map_batches(functools.partial(self.parse, attempt=attempt), batch_format="pyarrow")
+        question, scenario = (None, None) if isinstance(result, str) else result
+        outputs = {
+            cfg.output_question_key: question,
+            cfg.output_scenario_key: scenario,
+            self.attempts_column: attempt,
+            self.counter("truncated"): answer.truncated,
+            self.counter("reasked"): int(attempt > 1),
+        }
+        return outputs, result if isinstance(result, str) else None

@@ -14,19 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
-import ray.data
 
 from rare_ray.config import ReasonDistillConfig
-from rare_ray.engines import generate
-from rare_ray.engines.contract import (
-    GENERATED_TEXT,
-    GENERATED_TOKENS,
-    INFERENCE_ERROR,
-    TRUNCATED,
-    Fit,
-    Messages,
-)
-from rare_ray.operators.base import LLMOperator, StageContext
+from rare_ray.engines.contract import Fit, Generation, Messages
+from rare_ray.operators.base import LLMOperator
 from rare_ray.rows import ID
 from rare_ray.seeding import row_rng, row_seed
 from rare_ray.vocabulary import ColumnKind
@@ -111,7 +102,9 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         """Positive first, then the negatives: the indices ``document_order`` refers to."""
         return [row[self.config.input_text_key], *(row[self.config.input_hardneg_key] or [])]
 
-    def render(self, row: dict[str, Any], fit: Fit) -> tuple[Messages, dict[str, Any]]:
+    def render(
+        self, row: dict[str, Any], fit: Fit, attempt: int = 1
+    ) -> tuple[Messages, dict[str, Any]]:
         cfg = self.config
         docs = self.documents(row)
         shown = [
@@ -126,40 +119,27 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         return messages, self.engine.sampling(cfg.sampling, row_seed(self.seed, row[ID], self.name))
 
-    def parse(self, batch: pa.Table) -> pa.Table:
-        max_tokens = self.config.sampling.max_tokens
-        outputs: dict[str, list[Any]] = {f.name: [] for f in self.output_fields}
-        reasons: list[str | None] = []
-        for row, text, tokens, error in zip(
-            batch.to_pylist(),
-            batch[GENERATED_TEXT].to_pylist(),
-            batch[GENERATED_TOKENS].to_pylist(),
-            batch[INFERENCE_ERROR].to_pylist(),
-            strict=True,
-        ):
-            order = document_order(self.seed, row[ID], len(self.documents(row)))
-            if error:
-                reason: str | None = f"engine error: {error}"
-            elif not (text or "").strip():
-                reason = "empty generation"
-            else:
-                reason = None
-            think, answer = split_thinking(text) if reason is None else (None, None)
-            finished = reason is None and (tokens or 0) < max_tokens
-            outputs["document_order"].append(order)
-            outputs["positive_document"].append(order.index(0) + 1)
-            outputs[self.config.output_key].append(text if reason is None else None)
-            outputs[self.think_column].append(think)
-            outputs[self.answer_column].append(answer)
-            outputs[self.finished_column].append(finished if reason is None else None)
-            outputs[self.counter("unfinished")].append(int(reason is None and not finished))
-            reasons.append(reason)
-        outputs[self.counter("truncated")] = batch[TRUNCATED].to_pylist()
-        return self.with_outputs(batch, outputs, reasons)
-
-    def run_pass(
-        self, ds: ray.data.Dataset, attempt: int, context: StageContext
-    ) -> ray.data.Dataset:
-        return generate(ds, self.engine, self.render).map_batches(
-            self.parse, batch_format="pyarrow"
-        )
+    def read(
+        self, row: dict[str, Any], answer: Generation, attempt: int
+    ) -> tuple[dict[str, Any], str | None]:
+        text = answer.text
+        if answer.error:
+            reason: str | None = f"engine error: {answer.error}"
+        elif not text.strip():
+            reason = "empty generation"
+        else:
+            reason = None
+        order = document_order(self.seed, row[ID], len(self.documents(row)))
+        think, final = split_thinking(text) if reason is None else (None, None)
+        finished = reason is None and answer.tokens < self.config.sampling.max_tokens
+        outputs = {
+            "document_order": order,
+            "positive_document": order.index(0) + 1,
+            self.config.output_key: text if reason is None else None,
+            self.think_column: think,
+            self.answer_column: final,
+            self.finished_column: finished if reason is None else None,
+            self.counter("unfinished"): int(reason is None and not finished),
+            self.counter("truncated"): answer.truncated,
+        }
+        return outputs, reason

@@ -40,9 +40,10 @@ from rare_ray.engines.contract import (
     GENERATED_TOKENS,
     INFERENCE_ERROR,
     TRUNCATED,
+    CharBudget,
     json_schema_sampling,
 )
-from rare_ray.engines.openai_http import CharBudget, OpenAIWorker, request_body
+from rare_ray.engines.openai_http import OpenAIClient, request_body
 from rare_ray.operators import Doc2Query, ReasonDistill
 from rare_ray.operators.doc2query import parse_answer
 from tests.helpers import REPO, sample_rows
@@ -55,12 +56,19 @@ def render(row: dict[str, Any], fit: Callable[[str, int], str]) -> tuple[list, d
 
 
 def run_batch(engine: OpenAIEngineConfig, texts: list[str]) -> list[dict[str, Any]]:
-    batch = pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts})
-    out = asyncio.run(OpenAIWorker(engine, render)(batch))
-    assert out.schema.field(GENERATED_TOKENS).type == pa.int32()
-    assert out.schema.field(TRUNCATED).type == pa.int32()
-    assert out.schema.field(INFERENCE_ERROR).type == pa.string()
-    return out.to_pylist()
+    rows = [{"id": f"r{i}", "text": text} for i, text in enumerate(texts)]
+    answers = asyncio.run(OpenAIClient(engine).generate(rows, render))
+    assert len(answers) == len(rows)
+    return [
+        {
+            **row,
+            GENERATED_TEXT: a.text,
+            GENERATED_TOKENS: a.tokens,
+            INFERENCE_ERROR: a.error,
+            TRUNCATED: a.truncated,
+        }
+        for row, a in zip(rows, answers, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,11 +160,9 @@ def test_a_missing_key_stops_the_worker_and_null_sends_none(
 ) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(RuntimeError, match=KEY_ENV):
-        OpenAIWorker(engine_for("http://127.0.0.1:1/v1"), render)
+        OpenAIClient(engine_for("http://127.0.0.1:1/v1"))
     # Handed over from the driver when the worker's environment lacks it.
-    worker = OpenAIWorker(
-        engine_for("http://127.0.0.1:1/v1"), render, pydantic.SecretStr("from-driver")
-    )
+    worker = OpenAIClient(engine_for("http://127.0.0.1:1/v1"), pydantic.SecretStr("from-driver"))
     assert worker._headers["Authorization"] == "Bearer from-driver"
     with ScriptedServer([answer()]) as server:
         run_batch(engine_for(server.base_url, api_key_env=None), ["doc"])

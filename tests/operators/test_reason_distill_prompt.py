@@ -1,10 +1,14 @@
-"""The shuffle, the prompt and the parsing of ReasonDistill (no engine needed)."""
+"""The shuffle, the prompt and the reading of answers of ReasonDistill (no engine: a scripted
+client answers)."""
+
+import asyncio
 
 import pyarrow as pa
 
 from rare_ray.config import VLLMEngineConfig
-from rare_ray.engines.contract import GENERATED_TEXT, GENERATED_TOKENS, INFERENCE_ERROR, TRUNCATED
+from rare_ray.engines.contract import Generation
 from rare_ray.operators.reason_distill import ReasonDistill, document_order, split_thinking
+from tests.helpers import ScriptedClient
 
 ENGINE = VLLMEngineConfig(model="unused", seed_requests=False)
 ROW = {
@@ -40,18 +44,15 @@ def test_split_thinking():
     assert split_thinking("no tags here") == (None, None)
 
 
-def test_parse_records_the_positive_number_and_rejects_empty_generations():
+def test_answers_record_the_positive_number_and_empty_generations_are_rejected_once():
     op = ReasonDistill(ENGINE, seed=0)
-    batch = (
-        pa.Table.from_pylist([ROW, {**ROW, "id": "doc-2"}])
-        .append_column(GENERATED_TEXT, pa.array(["<think>a</think>b", "  "]))
-        .append_column(GENERATED_TOKENS, pa.array([5, 1], pa.int32()))
-        .append_column(INFERENCE_ERROR, pa.array([None, None], pa.string()))
-        .append_column(TRUNCATED, pa.array([0, 0], pa.int32()))
-    )
-    rows = op.parse(batch).to_pylist()
+    texts = {"doc-1": "<think>a</think>b", "doc-2": "  "}
+    client = ScriptedClient(lambda row, _m, _s: Generation(texts[row["id"]], tokens=5))
+    batch = pa.Table.from_pylist([ROW, {**ROW, "id": "doc-2"}])
+    rows = asyncio.run(op.answer(batch, client)).to_pylist()
     assert rows[0]["positive_document"] == document_order(0, "doc-1", 4).index(0) + 1
     assert rows[0]["reasoning_think"] == "a" and rows[0]["reasoning_answer"] == "b"
     assert rows[0]["reject_reason"] is None and rows[0]["reasoning_finished"] is True
     assert rows[1]["reject_reason"] == "empty generation"
+    assert [row_id for row_id, _, _ in client.asked] == ["doc-1", "doc-2"]  # asked once each
     assert not any(k.startswith("_generated") for k in rows[0])
