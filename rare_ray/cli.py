@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--output", default="/tmp/rare-ray/bench-pipeline")
     scale.add_argument("--json", help="also write the results to this JSON file")
     scale.add_argument(
+        "--max-tokens",
+        type=int,
+        help="both stages' max_tokens (and doc2query.max_field_chars lowered to fit them)",
+    )
+    scale.add_argument(
         "--baseline-tree",
         help="a checkout of another revision: every size also runs with its code, for a "
         "before/after table from one bench run",
@@ -168,6 +173,8 @@ def _bench(args: argparse.Namespace) -> int:
         if args.bench == "llm":
             llm.main(config, args.docs, args.stages, args.json, args.repeats)
         else:
+            if args.max_tokens:
+                config = pipeline.with_max_tokens(config, args.max_tokens)
             pipeline.main(config, args.sizes, args.output, args.json, args.baseline_tree)
         return 0
 

@@ -105,6 +105,22 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def with_max_tokens(config: RunConfig, max_tokens: int) -> RunConfig:
+    """``config`` with both stages' ``sampling.max_tokens`` set to ``max_tokens`` and
+    ``doc2query.max_field_chars`` lowered, if it must be, to what that budget holds (the limit
+    ``rare-ray run`` names when it refuses the combination)."""
+    from rare_ray.operators import Doc2Query
+
+    data = config.model_dump()
+    data["doc2query"]["sampling"]["max_tokens"] = max_tokens
+    data["distill"]["sampling"]["max_tokens"] = max_tokens
+    ratio, _ = Doc2Query(config.engine, config.doc2query).chars_per_token()
+    data["doc2query"]["max_field_chars"] = min(
+        config.doc2query.max_field_chars, Doc2Query.max_field_chars_for(max_tokens, ratio)
+    )
+    return RunConfig.model_validate(data)
+
+
 def run_size(config: RunConfig, docs: int, output_root: Path) -> tuple[SizeResult, RunConfig]:
     """One run of this tree's job over the first ``docs`` documents."""
     import ray

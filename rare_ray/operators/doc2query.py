@@ -129,15 +129,7 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
     def check_budget(self) -> None:
         """Refuses a ``max_tokens`` that answers as long as the schema allows would overrun."""
         cfg = self.config
-        if isinstance(self.engine, OpenAIEngineConfig) and not self.engine.tokenizer:
-            ratio = self.engine.chars_per_token
-            measured = f"engine.chars_per_token ({ratio:g})"
-        else:
-            model = self.engine.tokenizer if isinstance(self.engine, OpenAIEngineConfig) else None
-            tokenizer = load_tokenizer(model or self.engine.model)
-            # Prose like the answers', in the prompt's own words.
-            ratio = chars_per_token(tokenizer, SYSTEM_PROMPT + USER_PROMPT)
-            measured = f"{ratio:.2f} characters per token for this model's tokenizer"
+        ratio, measured = self.chars_per_token()
         need = answer_tokens(cfg.max_field_chars, ratio)
         if cfg.sampling.max_tokens < need:
             raise SettingsError(
@@ -147,6 +139,17 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
                 f"Raise max_tokens to at least {need} or lower max_field_chars to at most "
                 f"{self.max_field_chars_for(cfg.sampling.max_tokens, ratio)}."
             )
+
+    def chars_per_token(self) -> tuple[float, str]:
+        """The engine's characters per token, and where the figure comes from."""
+        if isinstance(self.engine, OpenAIEngineConfig) and not self.engine.tokenizer:
+            ratio = self.engine.chars_per_token
+            return ratio, f"engine.chars_per_token ({ratio:g})"
+        model = self.engine.tokenizer if isinstance(self.engine, OpenAIEngineConfig) else None
+        tokenizer = load_tokenizer(model or self.engine.model)
+        # Prose like the answers', in the prompt's own words.
+        ratio = chars_per_token(tokenizer, SYSTEM_PROMPT + USER_PROMPT)
+        return ratio, f"{ratio:.2f} characters per token for this model's tokenizer"
 
     @staticmethod
     def max_field_chars_for(max_tokens: int, ratio: float) -> int:
