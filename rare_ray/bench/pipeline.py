@@ -175,6 +175,8 @@ def _passes_started(out: Path) -> int:
 
     most = 1
     for part in ("data", "rejects"):
+        if not (out / part).is_dir():  # no rejects at all
+            continue
         table = pads.dataset(out / part, format="parquet", partitioning="hive").to_table()
         if "doc2query_attempts" in table.column_names:
             values = [v for v in table["doc2query_attempts"].to_pylist() if v is not None]
