@@ -207,7 +207,7 @@ def test_a_key_in_the_environment_is_nowhere_but_in_the_requests(
     for secret in (key, key.removeprefix("sk-rare-ray-"), s3_server.secret_key):
         assert where_is(secret, roots, texts) == []  # nor a piece of the API key
     # The scan did look at this run's files: its Ray Data logs and output are there.
-    assert where_is("MapBatches(OpenAIWorker)", [session / "logs"], {})
+    assert where_is("MapBatches(EngineWorker)", [session / "logs"], {})
     assert where_is("hosted-model", [out / "manifest.json"], {})
     assert where_is("What does it show?", [out / "data"], {})
 
