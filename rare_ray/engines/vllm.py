@@ -104,9 +104,9 @@ class EngineReplica:
     """
 
     def __init__(self, model: str, kwargs: dict[str, Any]):
+        started = time.time()  # importing vLLM is part of an engine's start
         import vllm
 
-        started = time.time()
         self.engine = vllm.AsyncLLMEngine.from_engine_args(
             vllm.AsyncEngineArgs(model=model, **kwargs)
         )
