@@ -316,6 +316,14 @@ class Doc2QueryConfig(_Section):
     )
 
 
+# Word n-grams the near-duplicate filter compares (5: one changed word alters 5 of a text's
+# n-grams, and two unrelated abstracts share almost none; README: "Hard negatives").
+SHINGLE_WORDS = 5
+# The filters ``bm25.preset: strict`` turns on, with values measured on the sample corpus
+# (README: "Hard negatives").
+STRICT_PRESET: dict[str, Any] = {"near_duplicate": 0.15, "relative_margin": 0.95}
+
+
 class BM25Config(_Section):
     input_question_key: Annotated[str, MUST_MATCH] = Field(
         "question", description="Column with the query."
@@ -388,6 +396,54 @@ class BM25Config(_Section):
         description="Write search.log / unpack.log (one JSON line per search batch / index "
         "unpack: node and process) next to the node-local index; for tests and debugging.",
     )
+    # What is searched, and which hits are no negative. The defaults are the reference's
+    # (the question alone; only the positive itself, by id or text, is excluded); the
+    # ``strict`` preset turns on the filters against false negatives (README: "Hard
+    # negatives"). Each skipped candidate is counted by the first filter that skips it.
+    preset: Annotated[Literal["reference", "strict"], MUST_MATCH] = Field(
+        "reference",
+        description="Defaults for the filters below: 'reference' (all off) or 'strict' "
+        f"({', '.join(f'{k}={v}' for k, v in STRICT_PRESET.items())}); a filter given a "
+        "value wins over its preset.",
+    )
+    query: Annotated[Literal["question", "scenario_question"], MUST_MATCH] = Field(
+        "question",
+        description="What is searched: the question, or the scenario followed by the question.",
+    )
+    input_scenario_key: Annotated[str, MUST_MATCH] = Field(
+        "scenario", description="Column with the scenario (read when query is scenario_question)."
+    )
+    group_key: Annotated[str | None, MUST_MATCH] = Field(
+        None,
+        description="A column (e.g. source_id) whose value, shared by two documents, means "
+        "neither is ever the other's negative: the chunks of one source document. Carried "
+        "from the input to data/; rows without a value belong to no group.",
+    )
+    near_duplicate: Annotated[float | None, MUST_MATCH] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Skip a candidate sharing more than this share of its word "
+        f"{SHINGLE_WORDS}-grams with the positive (of the shorter text's); None: off.",
+    )
+    relative_margin: Annotated[float | None, MUST_MATCH] = Field(
+        None,
+        gt=0,
+        description="Skip a candidate scoring above this multiple of the positive's own BM25 "
+        "score for the query (0.95: keep only hits below 95% of it); None: off.",
+    )
+    max_score: Annotated[float | None, MUST_MATCH] = Field(
+        None, gt=0, description="Skip a candidate whose BM25 score is above this; None: off."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        # Fills the filters left unset or null, so that a config dumped and read again (every
+        # field present, the unset ones as null) still gets its preset.
+        if isinstance(data, dict) and data.get("preset") == "strict":
+            return {**data, **{k: v for k, v in STRICT_PRESET.items() if data.get(k) is None}}
+        return data
 
     @model_validator(mode="after")
     def _depth_leaves_room(self) -> BM25Config:
@@ -518,6 +574,12 @@ class RunConfig(_Section):
     )
     id_key: Annotated[str, MUST_MATCH] = Field(
         "id", description="Column with the document id (derived if absent)."
+    )
+    carry_columns: Annotated[list[str], MUST_MATCH] = Field(
+        default_factory=list,
+        description="Input columns kept on every row through to data/ and rejects/ (a title, "
+        "a URL, a source id): strings as they are, other JSON values as JSON text, missing as "
+        "null. bm25.group_key is carried without being named here.",
     )
     ray: Annotated[RayConfig, MAY_CHANGE] = Field(default_factory=RayConfig)
     engine: Annotated[EngineConfig, MUST_MATCH] = Field(

@@ -39,7 +39,14 @@ from rare_ray.operators import Operator, StageContext, build_operators
 from rare_ray.preflight import check_gpus
 from rare_ray.rows import kept
 from rare_ray.runner import Source, run_stage
-from rare_ray.vocabulary import ALL_STAGES, INGEST, ReconciliationError, StageName, redact
+from rare_ray.vocabulary import (
+    ALL_STAGES,
+    INGEST,
+    ColumnKind,
+    ReconciliationError,
+    StageName,
+    redact,
+)
 
 
 def init_ray(config: RayConfig, log_to_driver: bool = True, attempts: int = 1) -> None:
@@ -69,6 +76,21 @@ def init_ray(config: RayConfig, log_to_driver: bool = True, attempts: int = 1) -
             time.sleep(5)
 
 
+def ingest_columns(config: RunConfig, operators: Sequence[Operator]) -> dict[str, ColumnKind]:
+    """The columns ingest reads: each column a stage reads that no stage before it writes
+    (a stage's group key, say), and the columns the config carries through to ``data/``."""
+    columns: dict[str, ColumnKind] = {}
+    written: set[str] = set()
+    for op in operators:
+        for name, kind in op.input_columns.items():
+            if name not in written:
+                columns.setdefault(name, kind)
+        written.update(f.name for f in op.output_fields)
+    for name in config.carry_columns:
+        columns.setdefault(name, "carried")
+    return columns
+
+
 def stage_settings(
     config: RunConfig, operators: Sequence[Operator], corpus: str | None
 ) -> dict[str, dict[str, Any]]:
@@ -76,10 +98,9 @@ def stage_settings(
 
     The input is identified by its files' names, sizes and modification times.
     """
-    first = operators[0]
     ingest = {
         **config.ingest_settings(),
-        "columns": dict(first.input_columns),
+        "columns": ingest_columns(config, operators),
         "files": input_listing(config.input),
     }
     settings = {INGEST: ingest}
@@ -157,9 +178,9 @@ def run_operators(
             _log(f"ingest: complete in {config.output}, resuming after it")
         else:
             _log(f"reading {config.input}")
-            required = dict(operators[0].input_columns)
+            columns = ingest_columns(config, operators)
             id_from = operators[0].text_key
-            documents = read_documents(config.input, required, config.id_key, config.limit, id_from)
+            documents = read_documents(config.input, columns, config.id_key, config.limit, id_from)
             ckpt.write_ingest(documents, config.checkpoint.shard_rows)
             ckpt.record_settings(INGEST, settings[INGEST])
         timings[INGEST] = time.perf_counter() - t
@@ -217,11 +238,11 @@ def _preflight(
 ) -> dict[str, dict[str, Any]]:
     """Everything that can be checked without Ray or an engine; returns the stages' settings."""
     out.check_writable()
-    check_input(config.input, dict(operators[0].input_columns), config.id_key)
+    check_input(config.input, ingest_columns(config, operators), config.id_key)
     for op in operators:
         op.check()
     if corpus is not None:
-        check_input(corpus, {"text": "text"}, config.id_key)
+        check_input(corpus, _corpus_columns(operators), config.id_key)
     settings = stage_settings(config, operators, corpus)
     if fresh:
         out.clear()
@@ -288,8 +309,16 @@ def _corpus(source: Source, corpus: str | None, operators: Sequence[Operator]) -
     """The whole corpus, for a stage that needs it: ingest's kept rows, or ``corpus``."""
     if corpus is None:
         return source.read(source.expected())
-    text_key = next(op for op in operators if op.reads_corpus).text_key
-    return read_documents(corpus, {text_key: "text"}).map_batches(kept, batch_format="pyarrow")
+    columns = _corpus_columns(operators)
+    return read_documents(corpus, columns).map_batches(kept, batch_format="pyarrow")
+
+
+def _corpus_columns(operators: Sequence[Operator]) -> dict[str, ColumnKind]:
+    """What a separate corpus must hold: the text of the stage that reads it, and the
+    columns it carries (BM25's group key)."""
+    op = next(op for op in operators if op.reads_corpus)
+    carried = {name: kind for name, kind in op.input_columns.items() if kind == "carried"}
+    return {op.text_key: "text", **carried}
 
 
 def _engine_report(context: StageContext, started: datetime) -> list[dict[str, Any]]:

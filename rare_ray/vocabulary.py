@@ -21,8 +21,10 @@ ALL_STAGES: tuple[StageName, ...] = ("doc2query", "bm25", "distill")
 # The pass before every stage: the input read, checked and cut into shards.
 INGEST = "ingest"
 
-# What a column must hold: a non-empty string, or a list of strings.
-ColumnKind = Literal["text", "text_list"]
+ColumnKind = Literal["text", "text_list", "carried"]
+"""What a column read by a stage must hold: ``text``, a non-empty string; ``text_list``, a list
+of strings; ``carried``, any value or none (kept as text: a string as it is, another JSON value
+as JSON), for columns that only travel with the row, like a document's source id."""
 
 
 class InputError(ValueError):

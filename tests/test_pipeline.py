@@ -33,7 +33,7 @@ from rare_ray import pipeline
 from rare_ray.config import RunConfig
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.writers import OutputDir
-from rare_ray.operators.bm25_hardneg import select_negatives
+from rare_ray.operators.bm25_hardneg import Filters, Positive, select_negatives
 from rare_ray.operators.reason_distill import document_order
 from rare_ray.rows import content_key
 from tests.helpers import local_config_in, sample_rows
@@ -293,7 +293,7 @@ def test_negatives_are_never_the_positive_and_as_many_as_the_corpus_allows(run: 
     for row, row_hits in zip(rows, hits, strict=True):
         assert row["id"] not in row["hard_negatives_ids"]
         assert content_key(row["text"]) not in {content_key(t) for t in row["hard_negatives"]}
-        allowed = select_negatives(row["id"], row["text"], row_hits, 10_000).hits
+        allowed = select_negatives(Positive(row["id"], row["text"]), row_hits, Filters(10_000)).hits
         assert len(row["hard_negatives"]) == min(config.bm25.num_neg, len(allowed))
 
 

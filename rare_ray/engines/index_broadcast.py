@@ -95,6 +95,7 @@ class LuceneIndexHolder:
         b: float,
         chunk_bytes: int,
         share_uri: str | None = None,
+        group_column: str | None = None,
     ) -> IndexHandle:
         start = time.perf_counter()
         index_dir = self.workdir / "index"
@@ -103,12 +104,15 @@ class LuceneIndexHolder:
         digest = 0
         for batch in corpus.iter_batches(batch_size=4096, batch_format="pyarrow"):
             ids, texts = batch[ID].to_pylist(), batch[text_column].to_pylist()  # type: ignore[union-attr]
-            writer.add(ids, texts)
-            for i, t in zip(ids, texts, strict=True):
-                h = hashlib.sha256(f"{i}\0{t}".encode()).digest()
+            groups = batch[group_column].to_pylist() if group_column else None  # type: ignore[union-attr]
+            writer.add(ids, texts, groups)
+            for i, t, g in zip(ids, texts, groups or [None] * len(ids), strict=True):
+                h = hashlib.sha256(f"{i}\0{t}\0{g or ''}".encode()).digest()
                 digest = (digest + int.from_bytes(h, "big")) % (1 << 256)
         writer.close()
         params = {**index_params(k1, b), "corpus_hash": f"{digest:064x}"}
+        if group_column:  # ids in the index carry their groups (``grouped_docid``)
+            params["group_key"] = group_column
         fingerprint = hashlib.sha256(
             json.dumps({"docs": writer.count, **params}, sort_keys=True).encode()
         ).hexdigest()[:24]
@@ -184,11 +188,14 @@ class IndexBuild:
         chunk_bytes: int,
         heap: str | None = None,
         share_uri: str | None = None,
+        group_column: str | None = None,
     ) -> IndexBuild:
         holder = LuceneIndexHolder.options(num_cpus=1).remote(heap=heap)  # type: ignore[attr-defined]
+        columns = [ID, text_column, *([group_column] if group_column else [])]
         ref = holder.build.remote(
-            corpus.select_columns([ID, text_column]), text_column, k1, b, chunk_bytes, share_uri
-        )
+            corpus.select_columns(columns), text_column, k1, b, chunk_bytes, share_uri,
+            group_column,
+        )  # fmt: skip
         return cls(holder, ref)
 
     @classmethod

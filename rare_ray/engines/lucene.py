@@ -16,14 +16,42 @@ from rare_ray.engines.jvm import java_class, java_list
 ANALYZER = "anserini-default-en (porter, english stopwords)"
 
 
+def grouped_docid(docid: str, group: str | None) -> str:
+    """The id a document has in an index built with groups: its group and its own id.
+
+    Anserini's indexer stores a document's id and contents but none of its other fields, and
+    its raw JSON (``-storeRaw``) would store every text twice and cost a parse per hit. So
+    the group rides in the id, length-prefixed so that any two strings decode unambiguously;
+    a searcher gets it with the hit at no cost. No group (None or "") is length 0.
+    """
+    group = group or ""
+    return f"{len(group)}:{group}{docid}"
+
+
+def split_docid(docid: str) -> tuple[str, str | None]:
+    """``grouped_docid``'s inverse: (id, group or None)."""
+    colon = docid.index(":")
+    end = colon + 1 + int(docid[:colon])
+    return docid[end:], docid[colon + 1 : end] or None
+
+
 class Hit:
-    """A search hit; its text is copied out of Java only when asked for."""
+    """A search hit; its text is copied out of Java only when asked for. ``group`` is the
+    document's group in an index built with groups, else None."""
 
-    __slots__ = ("_document", "_text", "docid", "score")
+    __slots__ = ("_document", "_text", "docid", "group", "score")
 
-    def __init__(self, docid: str, score: float, text: str | None = None, document: Any = None):
+    def __init__(
+        self,
+        docid: str,
+        score: float,
+        text: str | None = None,
+        document: Any = None,
+        group: str | None = None,
+    ):
         self.docid = docid
         self.score = score
+        self.group = group
         self._text = text
         self._document = document
 
@@ -49,7 +77,10 @@ class LuceneIndexWriter:
         self._writer = indexer(args)
         self.count = 0
 
-    def add(self, ids: list[str], texts: list[str]) -> None:
+    def add(self, ids: list[str], texts: list[str], groups: list[str | None] | None = None) -> None:
+        """Adds documents; with ``groups``, their ids become ``grouped_docid``s."""
+        if groups is not None:
+            ids = [grouped_docid(i, g) for i, g in zip(ids, groups, strict=True)]
         docs = [self._document.fromFields(i, t) for i, t in zip(ids, texts, strict=True)]
         self._writer.addJsonDocuments(docs)
         self.count += len(docs)
@@ -59,7 +90,11 @@ class LuceneIndexWriter:
 
 
 class LuceneSearcher:
-    """BM25 search over an index directory; one per process, thread-safe on the Java side."""
+    """BM25 search over an index directory; one per process, thread-safe on the Java side.
+
+    ``grouped``: the index was built with groups (``grouped_docid``); hits then carry their
+    own id and group, and ``score`` takes ids with their groups.
+    """
 
     def __init__(
         self,
@@ -68,11 +103,30 @@ class LuceneSearcher:
         b: float = 0.4,
         threads: int = 1,
         heap: str | None = None,
+        grouped: bool = False,
     ):
         self._searcher: Any = java_class("io.anserini.search.SimpleSearcher", heap)(str(index_dir))
         self._searcher.set_bm25(float(k1), float(b))
+        self._index_dir = str(index_dir)
+        self._k1, self._b = float(k1), float(b)
+        self._scorer: Any = None
         self.threads = threads
+        self.grouped = grouped
         self.num_docs = int(self._searcher.get_total_num_docs())
+
+    def score(self, query: str, docid: str, group: str | None = None) -> float | None:
+        """The BM25 score of one document for ``query`` (0.0 when it matches no term), as
+        ``search`` would give it at any depth; None when the index has no such document."""
+        if self._scorer is None:  # a reader of its own: SimpleSearcher's is not public
+            utils = java_class("io.anserini.index.IndexReaderUtils")
+            reader = utils.getReader(self._index_dir)
+            similarity = java_class("org.apache.lucene.search.similarities.BM25Similarity")
+            self._scorer = (utils, reader, similarity(self._k1, self._b))
+        utils, reader, similarity = self._scorer
+        key = grouped_docid(docid, group) if self.grouped else docid
+        if utils.convertDocidToLuceneDocid(reader, key) < 0:
+            return None
+        return float(utils.computeQueryDocumentScoreWithSimilarity(reader, key, query, similarity))
 
     def search(self, queries: list[str], depth: int) -> list[list[Hit]]:
         """The top ``depth`` hits of each query, best first."""
@@ -82,13 +136,22 @@ class LuceneSearcher:
         results = self._searcher.batch_search(
             java_list(queries), java_list(qids), int(depth), int(self.threads)
         )
-        return [
-            [
-                Hit(hit.docid, float(hit.score), document=hit.lucene_document)
-                for hit in results.get(qid)
+        if not self.grouped:
+            return [
+                [
+                    Hit(hit.docid, float(hit.score), document=hit.lucene_document)
+                    for hit in results.get(qid)
+                ]
+                for qid in qids
             ]
-            for qid in qids
-        ]
+        out = []
+        for qid in qids:
+            hits = []
+            for hit in results.get(qid):
+                docid, group = split_docid(hit.docid)
+                hits.append(Hit(docid, float(hit.score), document=hit.lucene_document, group=group))
+            out.append(hits)
+        return out
 
     def close(self) -> None:
         self._searcher.close()

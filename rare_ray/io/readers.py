@@ -3,8 +3,8 @@
 Accepted: JSONL (one object a line), a JSON array, or Parquet; a file or a directory of them,
 on a local path or any filesystem pyarrow supports. JSON files are parsed by us, one line at a
 time, so that a bad line (invalid JSON or UTF-8, a wrong type, an empty document) becomes a
-reject with its file and line number instead of failing the whole read. Columns the run does
-not use are dropped.
+reject with its file and line number instead of failing the whole read. Columns the run
+neither reads nor carries (``ColumnKind`` "carried") are dropped.
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ def _check_parquet_schemas(
 
 
 def _holds(kind: ColumnKind, type_: pa.DataType) -> bool:
+    if kind == "carried":
+        return True
     if kind == "text":
         return cast(bool, pa.types.is_string(type_) or pa.types.is_large_string(type_))
     return cast(bool, type_ == pa.list_(pa.string()))
@@ -259,6 +261,10 @@ _MISSING = object()
 
 
 def _check_value(value: Any, name: str, kind: ColumnKind) -> tuple[Any, str | None]:
+    if kind == "carried":
+        if value is _MISSING or value is None or isinstance(value, str):
+            return None if value is _MISSING else value, None
+        return json.dumps(value, ensure_ascii=False, default=str), None
     if value is _MISSING or value is None:
         return None, f"{name!r} is missing"
     if kind == "text":

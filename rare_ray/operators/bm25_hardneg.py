@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import ray
 import ray.data
 
-from rare_ray.config import BM25Config, output_settings
+from rare_ray.config import SHINGLE_WORDS, BM25Config, output_settings
 from rare_ray.engines.index_broadcast import IndexBuild, IndexHandle, local_index, prebuilt_index
 from rare_ray.engines.lucene import Hit, LuceneSearcher
 from rare_ray.operators.base import Operator, Resources, StageContext
 from rare_ray.rows import ID, content_key
-from rare_ray.vocabulary import ColumnKind
+from rare_ray.vocabulary import ColumnKind, SettingsError
 
 SEARCH_LOG = "search.log"
 
@@ -62,36 +62,145 @@ def _spread_over_nodes() -> dict[str, Any]:
     return {"scheduling_strategy": "SPREAD"}
 
 
+# The filters' counters, in the order a candidate meets them: a skipped candidate counts
+# under the first filter that skips it. ``same_text`` is the reference's own rule (the
+# positive's text, or a negative already chosen, under another id).
+FILTERS = ("above_max_score", "above_margin", "same_source", "same_text", "near_duplicate")
+
+
+@dataclass(frozen=True)
+class Positive:
+    """What the filters know of a row's positive document."""
+
+    id: str
+    text: str
+    group: str | None = None
+    # Its BM25 score for the row's query, whether or not it ranked within ``depth``; None
+    # when the index does not hold it (a separate corpus).
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which candidates are no negative, besides the positive itself (``bm25`` settings).
+    Same-source hits are always skipped: only an index built with ``group_key`` gives hits
+    a group."""
+
+    num_neg: int
+    start_rank: int = 0
+    near_duplicate: float | None = None
+    relative_margin: float | None = None
+    max_score: float | None = None
+
+    @classmethod
+    def of(cls, config: BM25Config) -> Filters:
+        return cls(config.num_neg, config.start_rank, config.near_duplicate,
+                   config.relative_margin, config.max_score)  # fmt: skip
+
+
+def above_max_score(score: float, max_score: float | None) -> bool:
+    """An absolute cap: a hit scoring above it is too close to the query to be a negative."""
+    return max_score is not None and score > max_score
+
+
+def above_margin(score: float, positive_score: float | None, margin: float | None) -> bool:
+    """Positive-aware: a hit scoring above ``margin`` times the positive's own score is more
+    likely relevant than not (NV-Retriever keeps hits below 95% of it). Off when the
+    positive's score is unknown."""
+    return margin is not None and positive_score is not None and score > margin * positive_score
+
+
+def same_source(group: str | None, positive_group: str | None) -> bool:
+    """Two documents of one source (the chunks of one document) are never negatives of each
+    other; a document without a group shares one with nobody."""
+    return group is not None and group == positive_group
+
+
+def shingles(text: str, n: int = SHINGLE_WORDS) -> frozenset[int]:
+    """Hashes of ``text``'s word n-grams (lower-cased, split on whitespace); a text shorter than
+    ``n`` words is one n-gram."""
+    words = text.lower().split()
+    if len(words) <= n:
+        return frozenset((hash(tuple(words)),)) if words else frozenset()
+    return frozenset(hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1))
+
+
+def overlap(a: frozenset[int], b: frozenset[int]) -> float:
+    """The share of the smaller set found in the other (the overlap coefficient): 1.0 for a
+    text contained in the other, whatever their lengths, where Jaccard would dilute it."""
+    if not a or not b:
+        return 0.0
+    small, large = (a, b) if len(a) <= len(b) else (b, a)
+    return sum(1 for x in small if x in large) / len(small)
+
+
 @dataclass(frozen=True)
 class Negatives:
     hits: list[Hit]
     positive_rank: int | None
+    positive_score: float | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
-def select_negatives(
-    positive_id: str,
-    positive_text: str,
-    hits: Sequence[Hit],
-    num_neg: int,
-    start_rank: int = 0,
-) -> Negatives:
-    """Pick hard negatives from ``hits`` (best first); ranks are 1-based over all hits."""
-    seen = {content_key(positive_text)}  # the positive's text, under any id, is no negative
-    chosen: list[Hit] = []
-    positive_rank = None
+def positive_in(hits: Sequence[Hit], positive_id: str) -> tuple[int | None, float | None]:
+    """The positive's 1-based rank among ``hits`` and its score there, if it is there."""
     for rank, hit in enumerate(hits, start=1):
         if hit.docid == positive_id:
-            positive_rank = positive_rank or rank
-        elif len(chosen) == num_neg:
-            if positive_rank is not None:
-                break  # nothing left to learn from the hits below
-        elif rank > start_rank:
-            # Hashing a text is most of the cost here: only for hits that may be chosen.
-            key = content_key(hit.text)
-            if key not in seen:
-                seen.add(key)
-                chosen.append(hit)
-    return Negatives(chosen, positive_rank)
+            return rank, hit.score
+    return None, None
+
+
+def select_negatives(positive: Positive, hits: Sequence[Hit], filters: Filters) -> Negatives:
+    """Pick hard negatives from ``hits`` (best first); ranks are 1-based over all hits.
+
+    Candidates are the hits ranked below ``start_rank`` that are not the positive; each is
+    kept unless a filter skips it (``FILTERS``, in order), until ``num_neg`` are kept.
+    """
+    rank, score = positive_in(hits, positive.id)
+    if score is None:
+        score = positive.score
+    seen = {content_key(positive.text)}  # the positive's text, under any id, is no negative
+    ours = shingles(positive.text) if filters.near_duplicate is not None else frozenset()
+    skipped = dict.fromkeys(FILTERS, 0)
+    chosen: list[Hit] = []
+    for i, hit in enumerate(hits, start=1):
+        if len(chosen) == filters.num_neg:
+            break
+        if i <= filters.start_rank or hit.docid == positive.id:
+            continue
+        reason = _skip(hit, positive.group, score, seen, ours, filters)
+        if reason is None:
+            chosen.append(hit)
+        else:
+            skipped[reason] += 1
+    return Negatives(chosen, rank, score, skipped)
+
+
+def _skip(
+    hit: Hit,
+    positive_group: str | None,
+    positive_score: float | None,
+    seen: set[str],
+    positive_shingles: frozenset[int],
+    filters: Filters,
+) -> str | None:
+    """The first filter that skips ``hit``, or None; a kept hit's text joins ``seen``."""
+    if above_max_score(hit.score, filters.max_score):
+        return "above_max_score"
+    if above_margin(hit.score, positive_score, filters.relative_margin):
+        return "above_margin"
+    if same_source(hit.group, positive_group):
+        return "same_source"
+    # Hashing a text is most of the cost here: only for hits that got this far.
+    key = content_key(hit.text)
+    if key in seen:
+        return "same_text"
+    if filters.near_duplicate is not None and (
+        overlap(shingles(hit.text), positive_shingles) > filters.near_duplicate
+    ):
+        return "near_duplicate"
+    seen.add(key)
+    return None
 
 
 class _HardNegativeMiner:
@@ -100,6 +209,7 @@ class _HardNegativeMiner:
     def __init__(self, index: IndexHandle, operator: BM25HardNeg, heap: str):
         cfg = operator.config
         self.operator = operator
+        self.filters = Filters.of(cfg)
         path = local_index(index, cfg.local_dir, debug_logs=cfg.debug_logs)
         self.search_log = path.parent / SEARCH_LOG if cfg.debug_logs else None
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -109,18 +219,23 @@ class _HardNegativeMiner:
             b=cfg.b,
             threads=cfg.threads_per_searcher,
             heap=heap,
+            grouped=cfg.group_key is not None,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.operator.config
-        questions = batch[cfg.input_question_key].to_pylist()
-        results = self.searcher.search(questions, cfg.depth)
-        mined = [
-            select_negatives(pid, text, hits, cfg.num_neg, cfg.start_rank)
-            for pid, text, hits in zip(
-                batch[ID].to_pylist(), batch[cfg.input_text_key].to_pylist(), results, strict=True
-            )
-        ]
+        queries = self.operator.queries(batch)
+        results = self.searcher.search(queries, cfg.depth)
+        groups = batch[cfg.group_key].to_pylist() if cfg.group_key else [None] * batch.num_rows
+        mined = []
+        for query, pid, text, group, hits in zip(
+            queries, batch[ID].to_pylist(), batch[cfg.input_text_key].to_pylist(), groups, results,
+            strict=True,
+        ):  # fmt: skip
+            rank, score = positive_in(hits, pid)
+            if rank is None:  # ranked below depth: its score costs one more (filtered) query
+                score = self.searcher.score(query, pid, group)
+            mined.append(select_negatives(Positive(pid, text, group, score), hits, self.filters))
         if self.search_log is not None:  # one line per batch: where searches ran
             record = {"node_id": self.node_id, "pid": os.getpid(), "rows": len(mined)}
             with self.search_log.open("a") as log:
@@ -132,7 +247,8 @@ class BM25HardNeg(Operator):
     """Mines ``num_neg`` BM25 hard negatives per question from the whole corpus."""
 
     name = "bm25"
-    counters = ("short",)
+    # Rows left with fewer than ``num_neg`` negatives, and candidates each filter skipped.
+    counters = ("short", *FILTERS)
     reads_corpus = True
 
     def __init__(self, config: BM25Config | None = None, **keys: Any):
@@ -140,13 +256,32 @@ class BM25HardNeg(Operator):
         key = self.config.output_negatives_key
         self.ids_column = f"{key}_ids"
         self.scores_column = f"{key}_scores"
+        self.skipped_column = f"{key}_skipped"
         self._build: IndexBuild | None = None
         self.index: IndexHandle | None = None
         self._plan: SearcherPlan | None = None
 
     @property
     def input_columns(self) -> Mapping[str, ColumnKind]:
-        return {self.config.input_question_key: "text", self.config.input_text_key: "text"}
+        cfg = self.config
+        columns: dict[str, ColumnKind] = {
+            cfg.input_question_key: "text",
+            cfg.input_text_key: "text",
+        }
+        if cfg.query == "scenario_question":
+            columns[cfg.input_scenario_key] = "text"
+        if cfg.group_key:
+            columns[cfg.group_key] = "carried"
+        return columns
+
+    def queries(self, batch: pa.Table) -> list[str]:
+        """What is searched for each row of ``batch`` (``bm25.query``)."""
+        cfg = self.config
+        questions: list[str] = batch[cfg.input_question_key].to_pylist()
+        if cfg.query == "question":
+            return questions
+        scenarios = batch[cfg.input_scenario_key].to_pylist()
+        return [f"{s}\n{q}" for s, q in zip(scenarios, questions, strict=True)]
 
     @property
     def text_key(self) -> str:
@@ -159,6 +294,8 @@ class BM25HardNeg(Operator):
             pa.field(self.ids_column, pa.list_(pa.string())),
             pa.field(self.scores_column, pa.list_(pa.float32())),
             pa.field("positive_rank", pa.int32()),
+            pa.field("positive_score", pa.float32()),
+            pa.field(self.skipped_column, pa.struct([(f, pa.int32()) for f in FILTERS])),
         ]
 
     @property
@@ -180,12 +317,21 @@ class BM25HardNeg(Operator):
         cfg = self.config
         self._plan = self.plan(ray.nodes())
         if cfg.prebuilt_index:
-            self._build = IndexBuild.of(prebuilt_index(cfg.prebuilt_index))
+            handle = prebuilt_index(cfg.prebuilt_index)
+            built_with = handle.params.get("group_key")
+            if built_with != cfg.group_key:
+                raise SettingsError(
+                    f"bm25.prebuilt_index {cfg.prebuilt_index!r} was built with group_key "
+                    f"{built_with!r}, but bm25.group_key is {cfg.group_key!r}: build it again "
+                    "(leave prebuilt_index unset) or set the same group_key"
+                )
+            self._build = IndexBuild.of(handle)
             return
         context.log("building the BM25 index in the background")
         self._build = IndexBuild.start(
             context.corpus(), cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
             heap=cfg.heap_per_searcher or "2g", share_uri=cfg.share_uri,
+            group_column=cfg.group_key,
         )  # fmt: skip
 
     def wait_for_index(self, context: StageContext) -> IndexHandle:
@@ -216,7 +362,10 @@ class BM25HardNeg(Operator):
                 self.ids_column: [[h.docid for h in m.hits] for m in mined],
                 self.scores_column: [[h.score for h in m.hits] for m in mined],
                 "positive_rank": [m.positive_rank for m in mined],
+                "positive_score": [m.positive_score for m in mined],
+                self.skipped_column: [m.skipped for m in mined],
                 self.counter("short"): [int(len(m.hits) < cfg.num_neg) for m in mined],
+                **{self.counter(f): [m.skipped[f] for m in mined] for f in FILTERS},
             },
             [None] * batch.num_rows,
         )

@@ -8,7 +8,7 @@ import ray
 from rare_ray.config import BM25Config
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.operators import BM25HardNeg
-from rare_ray.operators.bm25_hardneg import select_negatives
+from rare_ray.operators.bm25_hardneg import Filters, Positive, select_negatives
 from rare_ray.rows import content_key
 from tests.helpers import sample_questions, sample_rows
 
@@ -40,7 +40,7 @@ def test_no_negative_is_the_positive_and_num_neg_where_the_corpus_allows(mined):
     hits = searcher.search([r["question"] for r in rows], config.depth)
     for row, row_hits in zip(rows, hits, strict=True):
         assert row["reject_reason"] is None
-        allowed = select_negatives(row["id"], row["text"], row_hits, 10_000).hits
+        allowed = select_negatives(Positive(row["id"], row["text"]), row_hits, Filters(10_000)).hits
         assert len(row["hard_negatives"]) == min(3, len(allowed))
         assert row["_bm25_short"] == int(len(row["hard_negatives"]) < 3)
         assert row["id"] not in row["hard_negatives_ids"]
