@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm25.add_argument("--searchers-per-node", type=int, default=2)
     bm25.add_argument("--repeats", type=int, default=20, help="passes over the 1,000 queries")
     bm25.add_argument("--local-dir", default="/tmp/rare-ray/bench-indexes")
+    bench.add_parser(
+        "negatives", help="how far true and false negatives lie apart (bm25.preset: strict)"
+    )
     llm = bench.add_parser("llm", help="LLM stages through Ray Data vs. bare vLLM")
     llm.add_argument("--config", default="configs/local.yaml", help="engine and stage settings")
     llm.add_argument("--docs", type=int, default=256, help="rows per stage")
@@ -178,6 +181,11 @@ def _bench(args: argparse.Namespace) -> int:
             pipeline.main(config, args.sizes, args.output, args.json, args.baseline_tree)
         return 0
 
+    if args.bench == "negatives":  # plain pyserini in this process: no Ray
+        from rare_ray.bench import negatives
+
+        negatives.main()
+        return 0
     init_ray(RayConfig(address="local"), log_to_driver=False)
     print(f"Ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
     bm25.main(args.sizes, args.searchers_per_node, args.repeats, args.local_dir)

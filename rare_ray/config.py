@@ -577,9 +577,9 @@ class RunConfig(_Section):
     )
     carry_columns: Annotated[list[str], MUST_MATCH] = Field(
         default_factory=list,
-        description="Input columns kept on every row through to data/ and rejects/ (a title, "
-        "a URL, a source id): strings as they are, other JSON values as JSON text, missing as "
-        "null. bm25.group_key is carried without being named here.",
+        description="Input columns kept on every row through to data/ (a title, a URL, a "
+        "source id): strings as they are, other JSON values as JSON text, missing as null. "
+        "bm25.group_key is carried without being named here.",
     )
     ray: Annotated[RayConfig, MAY_CHANGE] = Field(default_factory=RayConfig)
     engine: Annotated[EngineConfig, MUST_MATCH] = Field(

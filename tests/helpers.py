@@ -58,28 +58,6 @@ def sample_questions() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def chunked_sample() -> list[dict]:
-    """The sample abstracts cut into overlapping windows, each with its abstract's human
-    question: two chunks of an abstract under 200 words, three of a longer one, each 60% of
-    its words, so that any two chunks of one abstract share at least a fifth of it.
-    ``source_id`` is the abstract's id, ``part`` the chunk's number (an int)."""
-    questions = {q["id"]: q["question"] for q in sample_questions()}
-    rows = []
-    for doc in sample_rows():
-        words = doc["text"].split()
-        n, size = len(words), round(0.6 * len(words))
-        starts = [0, n - size] if n < 200 else [0, (n - size) // 2, n - size]
-        for part, start in enumerate(starts, start=1):
-            rows.append({
-                "id": f"{doc['id']}#{part}",
-                "text": " ".join(words[start : start + size]),
-                "question": questions[doc["id"]],
-                "source_id": doc["id"],
-                "part": part,
-            })  # fmt: skip
-    return rows
-
-
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

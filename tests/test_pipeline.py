@@ -384,3 +384,21 @@ def test_a_rerun_publishes_nothing_and_a_new_split_replaces_every_file(
         json.loads((out / "manifest.json").read_text())["publication"]["id"]
         == (third["publication"]["id"])
     )
+
+
+def test_ingest_reads_what_no_earlier_stage_writes_and_the_carried_columns(local_config):
+    from rare_ray.operators import build_operators
+
+    data = local_config.model_dump()
+    data["bm25"].update(group_key="source_id", query="scenario_question")
+    config = RunConfig.model_validate({**data, "carry_columns": ["title"]})
+    every = build_operators(config, ("doc2query", "bm25", "distill"))
+    # The scenario is Doc2Query's; the group key and the title come from the input.
+    assert pipeline.ingest_columns(config, every) == {
+        "text": "text", "source_id": "carried", "title": "carried"
+    }  # fmt: skip
+    alone = build_operators(config, ("bm25",))
+    assert pipeline.ingest_columns(config, alone) == {
+        "question": "text", "text": "text", "scenario": "text", "source_id": "carried",
+        "title": "carried",
+    }  # fmt: skip

@@ -1,10 +1,13 @@
 """BM25HardNeg: documents that BM25 ranks high for a question but that are not its source.
 
 One actor indexes the whole corpus (every document, with or without a question); searcher
-actors, each on a node-local copy of that index, run the questions in batches. From each
-question's hits we drop the positive (by id, and any document with the same text), skip the
-top ``start_rank`` ranks, and keep the first ``num_neg`` distinct texts. We also record where
-the positive itself ranked: a free signal of how answerable the question is from its source.
+actors, each on a node-local copy of that index, run the queries (``bm25.query``) in batches.
+From each query's hits we drop the positive (by id, and any document with the same text), skip
+the top ``start_rank`` ranks, and keep the first ``num_neg`` distinct texts that no filter
+against false negatives skips (``FILTERS``: score caps, the positive-aware margin, the same
+source, near-copies; all off by default, as in the reference). We also record where the
+positive itself ranked and its score: a free signal of how answerable the question is from
+its source. The filters are the small functions below; the searcher stays a searcher.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
@@ -23,7 +27,8 @@ from rare_ray.config import SHINGLE_WORDS, BM25Config, output_settings
 from rare_ray.engines.index_broadcast import IndexBuild, IndexHandle, local_index, prebuilt_index
 from rare_ray.engines.lucene import Hit, LuceneSearcher
 from rare_ray.operators.base import Operator, Resources, StageContext
-from rare_ray.rows import ID, content_key
+from rare_ray.operators.ngrams import Grams, TextPrint, compare, text_print
+from rare_ray.rows import ID
 from rare_ray.vocabulary import ColumnKind, SettingsError
 
 SEARCH_LOG = "search.log"
@@ -116,22 +121,21 @@ def same_source(group: str | None, positive_group: str | None) -> bool:
     return group is not None and group == positive_group
 
 
-def shingles(text: str, n: int = SHINGLE_WORDS) -> frozenset[int]:
-    """Hashes of ``text``'s word n-grams (lower-cased, split on whitespace); a text shorter than
-    ``n`` words is one n-gram."""
-    words = text.lower().split()
-    if len(words) <= n:
-        return frozenset((hash(tuple(words)),)) if words else frozenset()
-    return frozenset(hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1))
+def shingles(text: str, n: int = SHINGLE_WORDS) -> Grams:
+    """``text``'s word n-grams, hashed (ASCII letters lower-cased, split on whitespace); a text
+    shorter than ``n`` words is one n-gram."""
+    return text_print(text, n).grams
 
 
-def overlap(a: frozenset[int], b: frozenset[int]) -> float:
+def overlap(a: Grams, b: Grams) -> float:
     """The share of the smaller set found in the other (the overlap coefficient): 1.0 for a
     text contained in the other, whatever their lengths, where Jaccard would dilute it."""
-    if not a or not b:
-        return 0.0
-    small, large = (a, b) if len(a) <= len(b) else (b, a)
-    return sum(1 for x in small if x in large) / len(small)
+    return share(len(np.intersect1d(a, b, assume_unique=True)), a.size, b.size)
+
+
+def share(shared: int, size_a: int, size_b: int) -> float:
+    """``overlap`` from the counts: shared n-grams over the smaller set's size."""
+    return shared / min(size_a, size_b) if size_a and size_b else 0.0
 
 
 @dataclass(frozen=True)
@@ -159,8 +163,9 @@ def select_negatives(positive: Positive, hits: Sequence[Hit], filters: Filters) 
     rank, score = positive_in(hits, positive.id)
     if score is None:
         score = positive.score
-    seen = {content_key(positive.text)}  # the positive's text, under any id, is no negative
-    ours = shingles(positive.text) if filters.near_duplicate is not None else frozenset()
+    n = SHINGLE_WORDS if filters.near_duplicate is not None else 0
+    ours = text_print(positive.text, n)
+    seen = {ours.text_hash}  # the positive's text, under any id, is no negative
     skipped = dict.fromkeys(FILTERS, 0)
     chosen: list[Hit] = []
     for i, hit in enumerate(hits, start=1):
@@ -168,7 +173,7 @@ def select_negatives(positive: Positive, hits: Sequence[Hit], filters: Filters) 
             break
         if i <= filters.start_rank or hit.docid == positive.id:
             continue
-        reason = _skip(hit, positive.group, score, seen, ours, filters)
+        reason = _skip(hit, positive.group, score, seen, ours, n, filters)
         if reason is None:
             chosen.append(hit)
         else:
@@ -180,8 +185,9 @@ def _skip(
     hit: Hit,
     positive_group: str | None,
     positive_score: float | None,
-    seen: set[str],
-    positive_shingles: frozenset[int],
+    seen: set[int],
+    positive: TextPrint,
+    n: int,
     filters: Filters,
 ) -> str | None:
     """The first filter that skips ``hit``, or None; a kept hit's text joins ``seen``."""
@@ -191,15 +197,16 @@ def _skip(
         return "above_margin"
     if same_source(hit.group, positive_group):
         return "same_source"
-    # Hashing a text is most of the cost here: only for hits that got this far.
-    key = content_key(hit.text)
-    if key in seen:
+    # Copying a text out of Java and reading it is most of the cost: only for hits that got
+    # this far, in one pass for both text filters.
+    text_hash, grams, shared = compare(hit.text, n, positive.grams)
+    if text_hash in seen:
         return "same_text"
     if filters.near_duplicate is not None and (
-        overlap(shingles(hit.text), positive_shingles) > filters.near_duplicate
+        share(shared, grams, positive.grams.size) > filters.near_duplicate
     ):
         return "near_duplicate"
-    seen.add(key)
+    seen.add(text_hash)
     return None
 
 
@@ -333,6 +340,10 @@ class BM25HardNeg(Operator):
             heap=cfg.heap_per_searcher or "2g", share_uri=cfg.share_uri,
             group_column=cfg.group_key,
         )  # fmt: skip
+
+    def use_index(self, index: IndexHandle) -> None:
+        """Search ``index`` as it is (one another operator built) instead of ``prepare``'s."""
+        self._build = IndexBuild.of(index)
 
     def wait_for_index(self, context: StageContext) -> IndexHandle:
         """The index ``prepare`` started, once it is built."""

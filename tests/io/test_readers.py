@@ -137,3 +137,29 @@ def test_parquet_files_are_all_checked_before_reading(tmp_path):
         tmp_path / "c.parquet",
     )
     check_input(str(tmp_path), TEXT, "id")
+
+
+def test_carried_columns_travel_as_text_and_never_reject_a_row(ray_local, tmp_path):
+    rows = [
+        {"id": "a", "text": "one", "source_id": "doc-1"},
+        {"id": "b", "text": "two", "source_id": 7},
+        {"id": "c", "text": "three", "source_id": {"url": "x", "page": 2}},
+        {"id": "d", "text": "four"},
+        {"id": "e", "text": "five", "source_id": None},
+    ]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    columns = {"text": "text", "source_id": "carried"}
+    read = {r["id"]: r for r in read_documents(str(path), columns).take_all()}
+    assert {k: r["source_id"] for k, r in read.items()} == {
+        "a": "doc-1", "b": "7", "c": '{"url": "x", "page": 2}', "d": None, "e": None
+    }  # fmt: skip
+    assert all(r["reject_reason"] is None for r in read.values())
+    pq.write_table(pa.table({"text": ["x"], "source_id": [3]}), tmp_path / "p.parquet")
+    (row,) = read_documents(str(tmp_path / "p.parquet"), columns).take_all()
+    assert row["source_id"] == "3"
+
+
+def test_a_carried_column_no_record_has_is_an_error_before_reading(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "text": "x"}])
+    with pytest.raises(InputError, match=r"no 'source_id' field"):
+        check_input(str(path), {"text": "text", "source_id": "carried"}, "id")

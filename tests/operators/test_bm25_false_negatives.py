@@ -1,6 +1,6 @@
 """False negatives on a chunked corpus: the chunks of the positive's own abstract.
 
-The sample abstracts cut into two or three overlapping chunks (``tests.helpers.chunked_sample``),
+The sample abstracts cut into two or three overlapping chunks (``rare_ray.bench.negatives.chunked_corpus``),
 each searched with its abstract's human question, over the real index of every chunk. With the
 reference's rules the positive's sibling chunks outrank everything and become "negatives";
 with ``group_key`` or the near-duplicate filter on there is none, and every row still gets
@@ -14,11 +14,12 @@ import pytest
 import ray
 
 from rare_ray import pipeline
+from rare_ray.bench.negatives import chunked_corpus
 from rare_ray.config import BM25Config, RunConfig
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.operators import BM25HardNeg
 from rare_ray.rows import content_key
-from tests.helpers import chunked_sample, write_jsonl
+from tests.helpers import write_jsonl
 
 
 def own_source(row: dict) -> int:
@@ -28,7 +29,7 @@ def own_source(row: dict) -> int:
 
 @pytest.fixture(scope="module")
 def chunks():
-    return chunked_sample()
+    return chunked_corpus()
 
 
 def mine(chunks, tmp_path, **settings):

@@ -174,3 +174,20 @@ def test_the_reference_preset_has_every_filter_off_and_strict_turns_them_on():
 def test_filter_bounds_are_checked(bad):
     with pytest.raises(ValueError):
         BM25Config(**bad)
+
+
+# What is searched, and what the stage reads.
+
+
+def test_query_is_the_question_or_the_scenario_then_the_question():
+    import pyarrow as pa
+
+    from rare_ray.operators import BM25HardNeg
+
+    batch = pa.table({"question": ["why?"], "scenario": ["a patient"], "text": ["doc"]})
+    assert BM25HardNeg().queries(batch) == ["why?"]
+    both = BM25HardNeg(query="scenario_question", group_key="source_id")
+    assert both.queries(batch) == ["a patient\nwhy?"]
+    assert both.input_columns == {
+        "question": "text", "text": "text", "scenario": "text", "source_id": "carried"
+    }  # fmt: skip
