@@ -33,7 +33,7 @@ from rare_ray import pipeline
 from rare_ray.config import RunConfig
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.writers import OutputDir
-from rare_ray.operators.bm25_hardneg import Filters, Positive, select_negatives
+from rare_ray.operators.bm25_hardneg import FILTERS, Filters, Positive, select_negatives
 from rare_ray.operators.reason_distill import document_order
 from rare_ray.rows import content_key
 from tests.helpers import local_config_in, sample_rows
@@ -277,6 +277,8 @@ def test_data_schema(run: dict) -> None:
         "document_order": pa.list_(pa.int32()), "positive_document": pa.int32(),
         "reasoning": pa.string(), "reasoning_think": pa.string(),
         "reasoning_answer": pa.string(), "reasoning_finished": pa.bool_(),
+        "positive_score": pa.float32(),
+        "hard_negatives_skipped": pa.struct([(f, pa.int32()) for f in FILTERS]),
     }  # fmt: skip
     for name, type_ in expected.items():
         assert schema.field(name).type == type_, name
