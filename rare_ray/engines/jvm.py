@@ -7,6 +7,11 @@ Three things must happen before the JVM starts, in every process (driver or Ray 
   has no such module and the JVM refuses to start with it.
 pyserini's own ``pyserini.pyclass`` would add that option again, so we start the JVM through
 pyjnius directly and never import pyserini's Python wrappers (which also pull in torch).
+
+In a process that also runs ``ray.init``, the JVM must start after it: connecting to Ray
+installs signal handlers over the JVM's own SIGSEGV handler (which the JVM needs for its null
+checks and safepoints), and the next search then crashes the process. Measured with a search,
+``ray.init``, and the same search again; Ray workers connect before any of our code runs.
 """
 
 from __future__ import annotations

@@ -1,11 +1,24 @@
-"""The measurement behind the strict preset, on part of the chunked sample (real pyserini)."""
+"""``rare-ray bench negatives``, the measurement behind the strict preset (real pyserini).
 
-from rare_ray.bench.negatives import chunked_corpus, measure
+In a process of its own, as users run it: it starts a JVM without Ray, and a JVM started in
+this test process before the session's Ray would be crashed by it (rare_ray/engines/jvm.py).
+"""
+
 from rare_ray.config import STRICT_PRESET
+from tests.helpers import rare_ray
 
 
 def test_the_strict_near_duplicate_threshold_separates_own_chunks_from_other_abstracts():
-    row = measure("chunks", chunked_corpus()[:600])
-    assert row.queries == 600 and row.own_min is not None
-    assert row.other_max < STRICT_PRESET["near_duplicate"] < row.own_min
-    assert 0 <= row.above[0.95] <= row.above[0.8] <= 1
+    result = rare_ray("bench", "negatives", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    abstracts, chunks = rows["abstracts"], rows["chunks"]
+    assert abstracts[0] == "1,000" and chunks[0] == "2,510"  # every question, every chunk
+    other_max, own_min = float(chunks[2]), float(chunks[4])
+    assert max(float(abstracts[2]), other_max) < STRICT_PRESET["near_duplicate"] < own_min
+    shares = [float(c.rstrip("%")) for c in chunks[5:]]
+    assert shares == sorted(shares, reverse=True)  # a higher margin skips fewer hits
