@@ -2,6 +2,8 @@
 
 rare-ray run --config configs/local.yaml [--input PATH] [--output DIR]
 rare-ray doc2query|bm25|distill --config ... --input PATH --output DIR
+rare-ray export DIR [--format messages prompt_completion rare] [--max-tokens N] ...
+rare-ray status DIR
 rare-ray build-test-model [--output models/tiny-llama] [--if-missing]
 """
 
@@ -60,6 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "bm25":
             sub.add_argument("--corpus", help="index this corpus instead of the input's texts")
+    export = commands.add_parser(
+        "export", help="SFT training files from a finished run (each a config of its card)"
+    )
+    export.add_argument("output", help="the run's output directory")
+    export.add_argument(
+        "--format",
+        nargs="+",
+        dest="formats",
+        choices=["messages", "prompt_completion", "rare"],
+        default=["messages", "prompt_completion", "rare"],
+    )
+    export.add_argument(
+        "--include-unfinished",
+        action="store_true",
+        help="also rows whose reasoning was cut off at max_tokens (left out by default)",
+    )
+    export.add_argument(
+        "--max-tokens", type=int, help="leave out rows whose prompt plus reasoning is longer"
+    )
+    export.add_argument(
+        "--think",
+        choices=["keep", "strip"],
+        default="keep",
+        help="keep a response's <think> block, or train on the answer after it",
+    )
     status = commands.add_parser("status", help="what an output directory holds so far")
     status.add_argument("output", help="the run's output directory")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
@@ -111,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "status":
         return _status(args.output)
+    if args.command == "export":
+        return _export(args)
 
     from rare_ray.pipeline import run
 
@@ -140,6 +169,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rare-ray: {e}", file=sys.stderr)
         return 2
     _summary(manifest)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rare_ray.export import ExportOptions, export
+
+    options = ExportOptions(
+        formats=tuple(args.formats),
+        finished_only=not args.include_unfinished,
+        max_tokens=args.max_tokens,
+        think=args.think,
+    )
+    try:
+        record = export(args.output, options)
+    except (InputError, OutputError) as e:
+        print(f"rare-ray: {e}", file=sys.stderr)
+        return 2
+    left_out = ", ".join(f"{n} {why}" for why, n in record["filtered"].items()) or "none"
+    print(f"exported {record['rows']} of {record['data_rows']} rows (left out: {left_out})")
+    for name, fmt in record["formats"].items():
+        rows = ", ".join(f"{split} {n}" for split, n in sorted(fmt["rows"].items()))
+        print(f"  {name:<18} {args.output}/{fmt['directory']} ({rows})")
+    print(f'load one with: datasets.load_dataset("{args.output}", "{options.formats[0]}")')
     return 0
 
 

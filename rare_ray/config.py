@@ -508,6 +508,12 @@ class OutputConfig(_Section):
         description="About how many rows each Parquet file of data/ and rejects/ holds: whole "
         "checkpoint shards are grouped until they reach it, and a Ray task writes each group.",
     )
+    # May change: it is only written into the dataset card.
+    license: Annotated[str, MAY_CHANGE] = Field(
+        "unknown",
+        description="The dataset's licence as the Hugging Face Hub names it (e.g. 'cc-by-4.0'), "
+        "written into the dataset card (README.md) of the output directory.",
+    )
 
 
 class CheckpointConfig(_Section):

@@ -265,6 +265,7 @@ def _already_published(
     pub_id = publication_id(groups, config.output_layout.validation_fraction)
     manifest = complete_manifest(out.fs, out.root, pub_id)
     if manifest is not None:
+        out.finish(manifest)
         for op in operators:
             _log(f"{op.name}: complete, skipped")
         _log(f"publish: publication {pub_id} is complete in {config.output}, nothing to write")

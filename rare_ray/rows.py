@@ -21,6 +21,8 @@ LINE = "line"
 SPLIT = "split"
 # The checkpoint shard a row belongs to, fixed at ingest (see rare_ray.io.checkpoints).
 SHARD = "shard"
+# Chat messages as a column: what ReasonDistill's teacher got, and the SFT exports.
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def normalized(text: str) -> str:

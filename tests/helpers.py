@@ -94,5 +94,7 @@ class ScriptedClient:
         for row in rows:
             messages, sampling = render(row, lambda text, _: text)
             self.asked.append((row.get("id"), messages, sampling))
-            answers.append(self.reply(row, messages, sampling))
+            answer = self.reply(row, messages, sampling)
+            answer.messages = messages  # as a real client gives back the rendered request
+            answers.append(answer)
         return answers

@@ -12,6 +12,7 @@ four contexts long, and a file that ends in the middle of its last line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,20 +23,27 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from huggingface_hub import DatasetCard
 from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 
 from rare_ray import pipeline
 from rare_ray.config import RunConfig
+from rare_ray.engines.contract import TokenBudget, load_tokenizer
 from rare_ray.engines.lucene import LuceneSearcher
+from rare_ray.engines.vllm import prompt_ids
+from rare_ray.export import FORMATS, export
 from rare_ray.io.writers import OutputDir
 from rare_ray.operators.bm25_hardneg import FILTERS, Filters, Positive, select_negatives
-from rare_ray.operators.reason_distill import document_order
-from rare_ray.rows import content_key
+from rare_ray.operators.reason_distill import ReasonDistill, document_order
+from rare_ray.rows import MESSAGES_TYPE, content_key
 from tests.helpers import local_config_in, sample_rows
 
 BIN = Path(sys.executable).parent
@@ -279,6 +287,8 @@ def test_data_schema(run: dict) -> None:
         "reasoning_answer": pa.string(), "reasoning_finished": pa.bool_(),
         "positive_score": pa.float32(),
         "hard_negatives_skipped": pa.struct([(f, pa.int32()) for f in FILTERS]),
+        "reasoning_prompt": MESSAGES_TYPE, "reasoning_prompt_tokens": pa.int32(),
+        "reasoning_tokens": pa.int32(),
     }  # fmt: skip
     for name, type_ in expected.items():
         assert schema.field(name).type == type_, name
@@ -351,6 +361,100 @@ def test_one_engine_served_both_llm_stages_and_every_reask_and_the_log_reads_cle
     assert not [line for line in run["log"].splitlines() if any(n in line for n in noise)]
 
 
+# ---------------------------------------------------------------------------------------------
+# What a trainer loads: the card, the SFT export, the teacher's own prompt
+
+
+def test_the_card_gives_load_dataset_both_splits_with_the_manifests_counts(run: dict) -> None:
+    out, manifest = run["out"], run["manifest"]
+    card = DatasetCard.load(out / "README.md")  # the Hub's own parser of the YAML header
+    assert card.data.license == "unknown"
+    assert card.data.size_categories == ["n<1K"]
+    assert [c["config_name"] for c in card.data.configs] == ["default"]
+    loaded = datasets.load_dataset(str(out))
+    assert {split: len(rows) for split, rows in loaded.items()} == manifest["publication"]["data"]
+    loaded_ids = [i for rows in loaded.values() for i in rows["id"]]
+    assert sorted(loaded_ids) == sorted(r["id"] for r in run["data"])
+    for stage in ("doc2query", "distill"):  # token use per stage, in the manifest and the card
+        counts = manifest["counts"]["stages"][stage]
+        assert counts["prompt_tokens"] > 0 and counts["generated_tokens"] > 0
+        assert f"| {stage} | {counts['in']:,} | " in card.text
+    assert manifest["counts"]["stages"]["distill"]["prompt_tokens"] == sum(
+        r["reasoning_prompt_tokens"] for r in run["data"]
+    )
+
+
+def test_the_teachers_prompt_is_stored_as_rendered(run: dict) -> None:
+    """Rendering a row again gives exactly the messages stored with it, and the engine's count
+    of its tokens is the length of those messages through the chat template."""
+    config = run["config"]
+    distill = ReasonDistill(config.engine, config.distill, seed=config.seed)
+    tokenizer = load_tokenizer(config.engine.model)
+    for row in run["data"]:
+        messages, _ = distill.render(row, TokenBudget(config.engine.model))
+        assert row["reasoning_prompt"] == messages
+        assert row["reasoning_prompt_tokens"] == len(prompt_ids(tokenizer, messages))
+        numbered = messages[1]["content"]
+        assert f"[{row['positive_document']}] " in numbered
+
+
+def _export(out: Path, *flags: str) -> dict:
+    result = subprocess.run(
+        [str(BIN / "rare-ray"), "export", str(out), *flags],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "export" / "_export.json").read_text())
+
+
+def test_the_export_reconciles_and_trl_trains_on_the_teachers_tokens(
+    run: dict, tmp_path: Path
+) -> None:
+    out, rows = run["out"], run["data"]
+    # By default only finished reasoning is exported; the test model rarely finishes.
+    default = _export(out)
+    unfinished = sum(not r["reasoning_finished"] for r in rows)
+    assert default["filtered"].get("unfinished", 0) == unfinished
+    assert default["rows"] == len(rows) - unfinished
+
+    record = _export(out, "--include-unfinished", "--think", "strip")
+    assert record["rows"] == record["data_rows"] == len(rows) and not record["filtered"]
+    configs = DatasetCard.load(out / "README.md").data.configs
+    assert [c["config_name"] for c in configs] == ["default", *FORMATS]
+    for name in FORMATS:
+        loaded = datasets.load_dataset(str(out), name)
+        assert {s: len(d) for s, d in loaded.items()} == record["formats"][name]["rows"]
+
+    by_id = {r["id"]: r for r in rows}
+    tokenizer = AutoTokenizer.from_pretrained(run["config"].engine.model)
+    losses = {}
+    for name in ("messages", "prompt_completion"):
+        args = SFTConfig(
+            output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
+            logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", max_length=None,
+        )  # fmt: skip
+        trainer = SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(run["config"].engine.model),
+            args=args,
+            train_dataset=datasets.load_dataset(str(out), name, split="train"),
+            processing_class=tokenizer,
+        )
+        seen = trainer.train_dataset[0]
+        row = by_id[seen["id"]]
+        # What the trainer trains on: the very tokens the teacher got, then its reasoning.
+        n = row["reasoning_prompt_tokens"]
+        assert seen["input_ids"][:n] == prompt_ids(tokenizer, row["reasoning_prompt"])
+        reasoning = tokenizer.encode(row["reasoning"], add_special_tokens=False)
+        assert seen["input_ids"][n : n + len(reasoning)] == reasoning
+        if name == "prompt_completion":  # the loss covers the completion only
+            assert all(label == -100 for label in seen["labels"][:n])
+            assert any(label != -100 for label in seen["labels"][n:])
+        trainer.train()
+        losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"SFTTrainer losses per step: {losses}")
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in losses.values())
+
+
 def test_a_rerun_publishes_nothing_and_a_new_split_replaces_every_file(
     run: dict, ray_local: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -373,10 +477,17 @@ def test_a_rerun_publishes_nothing_and_a_new_split_replaces_every_file(
     assert published() == before
     assert again["publication"] == manifest["publication"]
 
+    export(str(out))  # an export of this publication, which the next one replaces
     config = config.model_copy(deep=True)
     config.output_layout.validation_fraction = 0.5
     third = pipeline.run(config)
     after = published()
+    assert not (out / "export").exists()
+    card = DatasetCard.load(out / "README.md")
+    assert [c["config_name"] for c in card.data.configs] == ["default"]
+    loaded = datasets.load_dataset(str(out))  # now with rows on both sides
+    assert {s: len(d) for s, d in loaded.items()} == third["publication"]["data"]
+    assert set(third["publication"]["data"]) == {"train", "validation"}
     assert sorted(after) == third["publication"]["files"]
     assert not set(after) & set(before)
     rows = _read(out / "data")

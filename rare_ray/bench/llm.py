@@ -313,7 +313,7 @@ def stage_prompt_tokens(rows: list[dict[str, Any]], model: str, render: Render) 
     """Prompt tokens the stage sends for ``rows``, from its own render step (outside timing)."""
     from rare_ray.engines.vllm import render_prompts
 
-    prompts, _, _ = render_prompts(rows, model, render)
+    prompts = render_prompts(rows, model, render).prompts
     return sum(len(p) for p in prompts)
 
 

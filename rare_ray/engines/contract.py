@@ -11,7 +11,8 @@ starts one per engine config and keeps it for the whole run), picklable, so that
 workers each open a ``Client`` on it. ``Client.generate(rows, render)`` renders the rows and
 answers each with a ``Generation``: its text, its tokens (a response cut off at
 ``max_tokens`` counts at least ``max_tokens``), its error (None, or why the request failed;
-never an exception for one row) and how many documents its render cut to fit.
+never an exception for one row), how many documents its render cut to fit, and the rendered
+request with its prompt tokens.
 
 ``rare_ray.engines.generate`` runs one request per row of a Dataset on a client and gives back
 every input row with its own columns, types untouched, followed by ``RESULT_FIELDS``
@@ -51,12 +52,19 @@ RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS)
 
 @dataclass
 class Generation:
-    """One request's answer: ``error`` is None or why it failed (then ``text`` is empty)."""
+    """One request's answer: ``error`` is None or why it failed (then ``text`` is empty).
+
+    ``messages`` is the request exactly as rendered (documents cut to their budgets), so that
+    an operator can keep the prompt its answer came from; ``prompt_tokens`` is what the
+    engine counted of it (0 where a server does not say).
+    """
 
     text: str = ""
     tokens: int = 0
     error: str | None = None
     truncated: int = 0  # documents its render cut to their token budget
+    messages: Messages | None = None
+    prompt_tokens: int = 0
 
 
 class Client(Protocol):

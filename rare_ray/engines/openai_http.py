@@ -118,8 +118,9 @@ class _Refused(ValueError):
     pass
 
 
-def read_response(payload: Any, max_tokens: int | None) -> tuple[str, int]:
-    """``(text, completion tokens)`` of a chat-completions response; ValueError if malformed.
+def read_response(payload: Any, max_tokens: int | None) -> tuple[str, int, int]:
+    """``(text, completion tokens, prompt tokens)`` of a chat-completions response (tokens 0
+    where its ``usage`` does not say); ValueError if malformed.
 
     A choice cut off by the token limit (``finish_reason == "length"``) counts at least
     ``max_tokens``, so that the operators see it as cut off whatever the usage says.
@@ -139,13 +140,17 @@ def read_response(payload: Any, max_tokens: int | None) -> tuple[str, int]:
     if not isinstance(content, str):
         raise ValueError(f"message content is a {type(content).__name__}, not text")
     usage = payload.get("usage") or {}
-    try:
-        tokens = int(usage.get("completion_tokens") or 0)
-    except (TypeError, ValueError):
-        tokens = 0
+    tokens, prompt_tokens = _count(usage, "completion_tokens"), _count(usage, "prompt_tokens")
     if choice.get("finish_reason") == "length" and max_tokens:
         tokens = max(tokens, max_tokens)
-    return content, tokens
+    return content, tokens, prompt_tokens
+
+
+def _count(usage: Any, key: str) -> int:
+    try:
+        return int(usage.get(key) or 0)
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -281,8 +286,8 @@ class OpenAIClient:
             connector=aiohttp.TCPConnector(limit=self.engine.concurrency),
         ) as session:
             results = await asyncio.gather(*(self._request(session, b) for b in bodies))
-        for result, cut in zip(results, truncated, strict=True):
-            result.truncated = cut
+        for result, cut, body in zip(results, truncated, bodies, strict=True):
+            result.truncated, result.messages = cut, body["messages"]
         return list(results)
 
     async def _request(self, session: Any, body: dict[str, Any]) -> Generation:
@@ -310,12 +315,12 @@ class OpenAIClient:
                     raw = await resp.read()
                     if 200 <= resp.status < 300:
                         try:
-                            text, tokens = read_response(json.loads(raw), max_tokens)
+                            text, tokens, prompt = read_response(json.loads(raw), max_tokens)
                         except _Refused as e:
                             return Generation(error=str(e))
                         except ValueError as e:
                             return Generation(error=f"malformed response: {e}")
-                        return Generation(text, tokens)
+                        return Generation(text, tokens, prompt_tokens=prompt)
                     last_error = _error_text(resp.status, raw)
                     if not retryable(resp.status):
                         return Generation(error=last_error)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rare_ray.config import VLLMEngineConfig
-from rare_ray.engines.contract import Generation, Render, TokenBudget, load_tokenizer
+from rare_ray.engines.contract import Generation, Messages, Render, TokenBudget, load_tokenizer
 
 logger = logging.getLogger("rare_ray")
 
@@ -265,21 +265,36 @@ class VLLMPool:
         return {"engine": self.engine, "replicas": self.replicas, "groups": []}
 
 
-def render_prompts(
-    rows: Sequence[dict[str, Any]], model: str, render: Render
-) -> tuple[list[list[int]], list[dict[str, Any]], list[int]]:
-    """Each row's prompt as token ids (chat template applied), its sampling parameters, and
-    how many of its documents were cut to their token budgets."""
+@dataclass
+class Rendered:
+    """A batch's requests: per row its messages, its prompt as token ids (chat template
+    applied), its sampling parameters, and how many documents were cut to their budgets."""
+
+    messages: list[Messages] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)
+    sampling: list[dict[str, Any]] = field(default_factory=list)
+    truncated: list[int] = field(default_factory=list)
+
+
+def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """The token ids the engine gets for ``messages``: the chat template's text, tokenized as
+    vLLM's own chat API does it (the template already holds the special tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render_prompts(rows: Sequence[dict[str, Any]], model: str, render: Render) -> Rendered:
+    """Every row of ``rows`` rendered for ``model``."""
     tokenizer = load_tokenizer(model)
-    prompts, sampling, truncated = [], [], []
+    out = Rendered()
     for row in rows:
         fit = TokenBudget(model)
         messages, params = render(row, fit)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer.encode(text, add_special_tokens=False))
-        sampling.append(params)
-        truncated.append(fit.truncated)
-    return prompts, sampling, truncated
+        out.messages.append(messages)
+        out.prompts.append(prompt_ids(tokenizer, messages))
+        out.sampling.append(params)
+        out.truncated.append(fit.truncated)
+    return out
 
 
 class VLLMClient:
@@ -300,18 +315,18 @@ class VLLMClient:
         # Batches render in threads; a Hugging Face tokenizer must not be used by two at once.
         self._render_lock = threading.Lock()
 
-    def _render(
-        self, rows: Sequence[dict[str, Any]], render: Render
-    ) -> tuple[list[list[int]], list[dict[str, Any]], list[int]]:
+    def _render(self, rows: Sequence[dict[str, Any]], render: Render) -> Rendered:
         with self._render_lock:
             return render_prompts(rows, self.engine.model, render)
 
     async def generate(self, rows: Sequence[dict[str, Any]], render: Render) -> list[Generation]:
         if not rows:
             return []
-        prompts, sampling, truncated = await asyncio.to_thread(self._render, rows, render)
-        answers = await next(self._next).generate.remote(prompts, sampling)
+        batch = await asyncio.to_thread(self._render, rows, render)
+        answers = await next(self._next).generate.remote(batch.prompts, batch.sampling)
         return [
-            Generation(text, tokens, error, cut)
-            for (text, tokens, error), cut in zip(answers, truncated, strict=True)
+            Generation(text, tokens, error, cut, messages, len(prompt))
+            for (text, tokens, error), cut, messages, prompt in zip(
+                answers, batch.truncated, batch.messages, batch.prompts, strict=True
+            )
         ]

@@ -68,7 +68,11 @@ def shard_dir(shard: int) -> str:
 
 def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
     """Writes ``value`` so that a reader sees the whole file or none of it."""
-    data = json.dumps(value, indent=1, sort_keys=True, default=str).encode("utf-8")
+    write_whole(fs, path, json.dumps(value, indent=1, sort_keys=True, default=str).encode("utf-8"))
+
+
+def write_whole(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Writes ``data`` so that a reader sees the whole file or none of it."""
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:

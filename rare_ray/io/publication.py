@@ -12,8 +12,10 @@ a set of final files plus the manifest that lists them:
    pass through the driver. Each file appears whole (one PUT; on local disk a hidden
    temporary file renamed into place), so a reader never meets half a file.
 2. **Write the manifest**, one object, last. It lists the publication's files and counts.
+   The dataset card (``README.md``, ``rare_ray.io.card``) follows it, made from it.
 3. **Delete every other file** under ``data/`` and ``rejects/``: earlier publications and
-   what a killed run left.
+   what a killed run left (a rerun that finds its publication complete does this again),
+   and SFT exports made from an earlier publication.
 
 Why that holds at every moment:
 
@@ -45,9 +47,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import ray
 
-from rare_ray.io.checkpoints import fingerprint, read_json, write_json, write_parquet_whole
+from rare_ray.io.card import CARD, EXPORT_RECORD, EXPORTS, render_card
+from rare_ray.io.checkpoints import (
+    fingerprint,
+    read_json,
+    write_json,
+    write_parquet_whole,
+    write_whole,
+)
 from rare_ray.rows import ID, LINE, REJECT_REASON, SHARD, SOURCE, SPLIT, counter_columns, kept
 
 MANIFEST = "manifest.json"
@@ -91,6 +99,7 @@ class Publication:
     files: list[str] = field(default_factory=list)
     data: dict[str, int] = field(default_factory=dict)  # rows per split
     rejects: dict[str, int] = field(default_factory=dict)  # rows per stage
+    reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage, per reason
 
     def add(self, other: Mapping[str, Any]) -> None:
         self.files.extend(other["files"])
@@ -98,6 +107,10 @@ class Publication:
             mine = getattr(self, key)
             for name, rows in other[key].items():
                 mine[name] = mine.get(name, 0) + rows
+        for stage, reasons in other.get("reasons", {}).items():
+            mine = self.reasons.setdefault(stage, {})
+            for reason, rows in reasons.items():
+                mine[reason] = mine.get(reason, 0) + rows
 
     @property
     def data_rows(self) -> int:
@@ -129,6 +142,8 @@ def publish(
     earlier = complete_manifest(fs, root, pub.id)
     if earlier is not None:
         return Publication(**earlier["publication"]), False
+    import ray  # here: reading a publication (``rare-ray export``) needs no Ray
+
     task = ray.remote(num_cpus=1)(_publish_group)
     results = ray.get(
         [
@@ -153,12 +168,40 @@ def complete_manifest(fs: pafs.FileSystem, root: str, pub_id: str) -> dict[str, 
 
 def commit(fs: pafs.FileSystem, root: str, manifest: Mapping[str, Any]) -> None:
     """Steps 2 and 3: the manifest (which lists the publication's files under
-    ``publication``), then every other file under data/ and rejects/ is deleted."""
+    ``publication``) and the dataset card made from it, then every other file under data/
+    and rejects/ is deleted, and SFT exports of an earlier publication."""
     write_json(fs, f"{root}/{MANIFEST}", manifest)
+    write_card(fs, root, manifest)
+    tidy(fs, root, manifest)
+
+
+def tidy(fs: pafs.FileSystem, root: str, manifest: Mapping[str, Any]) -> None:
+    """Step 3 (again, on a rerun that found its publication complete: a run killed during
+    step 3 leaves files that a directory read would see)."""
     keep = set(manifest["publication"]["files"])
     stale = [f for f in published_files(fs, root, hidden=True) if f not in keep]
     for name in stale:
         fs.delete_file(f"{root}/{name}")
+    if exports_of(fs, root, manifest) is None:
+        exports = f"{root}/{EXPORTS}"
+        if fs.get_file_info(exports).type == pafs.FileType.Directory:
+            fs.delete_dir(exports)
+
+
+def exports_of(
+    fs: pafs.FileSystem, root: str, manifest: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The record of the SFT exports made from ``manifest``'s publication, if any."""
+    record = read_json(fs, f"{root}/{EXPORT_RECORD}")
+    if record and record.get("publication") == manifest["publication"]["id"]:
+        return dict(record)
+    return None
+
+
+def write_card(fs: pafs.FileSystem, root: str, manifest: Mapping[str, Any]) -> None:
+    """The dataset card of ``manifest``'s publication and its exports (``README.md``)."""
+    card = render_card(manifest, exports_of(fs, root, manifest))
+    write_whole(fs, f"{root}/{CARD}", card.encode("utf-8"))
 
 
 def published_files(fs: pafs.FileSystem, root: str, hidden: bool = False) -> set[str]:
@@ -181,7 +224,7 @@ def published_files(fs: pafs.FileSystem, root: str, hidden: bool = False) -> set
 def _publish_group(
     fs: pafs.FileSystem, root: str, name: str, group: Group, validation_fraction: float
 ) -> dict[str, Any]:
-    written: dict[str, Any] = {"files": [], "data": {}, "rejects": {}}
+    written: dict[str, Any] = {"files": [], "data": {}, "rejects": {}, "reasons": {}}
     if group.data:
         table = kept(pads.dataset(list(group.data), filesystem=fs, format="parquet").to_table())
         table = _publishable(table, validation_fraction)
@@ -198,6 +241,9 @@ def _publish_group(
             write_parquet_whole(rows, f"{root}/{path}", fs)
             written["files"].append(path)
             written["rejects"][source.stage] = rows.num_rows
+            written["reasons"][source.stage] = {
+                r["values"]: r["counts"] for r in pc.value_counts(rows["reason"]).to_pylist()
+            }
     return written
 
 

@@ -8,6 +8,8 @@ Layout of ``DIR``::
     data/split=validation/
     rejects/stage=<stage>/  every input row that did not make it, with the reason
     manifest.json
+    README.md             the dataset card (``rare_ray.io.card``): load_dataset(DIR) reads it
+    export/<format>/      SFT exports, if made (``rare-ray export``, ``rare_ray.export``)
 
 ``data/``, ``rejects/`` and the manifest that lists their files make one publication, written
 without rename or directory moves so that it holds on object stores; the protocol and why it
@@ -23,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from rare_ray.io import publication
+from rare_ray.io.card import CARD, EXPORTS
 from rare_ray.io.checkpoints import Checkpoints
 from rare_ray.io.publication import Group, Publication
 from rare_ray.vocabulary import ALL_STAGES, INGEST, OutputError, filesystem, storage_problem
@@ -51,11 +54,11 @@ class OutputDir:
 
     def clear(self) -> None:
         """Deletes what an earlier run wrote (``--fresh``)."""
-        for name in ("_stages", *publication.PUBLISHED):
+        for name in ("_stages", *publication.PUBLISHED, EXPORTS):
             self._delete(self.path(name))
-        manifest = self.path(publication.MANIFEST)
-        if self.fs.get_file_info(manifest).type == pafs.FileType.File:
-            self.fs.delete_file(manifest)
+        for name in (publication.MANIFEST, CARD):
+            if self.fs.get_file_info(self.path(name)).type == pafs.FileType.File:
+                self.fs.delete_file(self.path(name))
 
     # Publishing ---------------------------------------------------------------------------
 
@@ -70,6 +73,13 @@ class OutputDir:
         """The manifest, which lists the publication's files; then every other one is deleted."""
         publication.commit(self.fs, self.root, manifest)
         return self.path(publication.MANIFEST)
+
+    def finish(self, manifest: Mapping[str, Any]) -> None:
+        """What ``commit`` does after the manifest, for a rerun that found its publication
+        complete: a run killed after the manifest may have left no card, or stale files."""
+        if self.fs.get_file_info(self.path(CARD)).type != pafs.FileType.File:
+            publication.write_card(self.fs, self.root, manifest)
+        publication.tidy(self.fs, self.root, manifest)
 
     def status(self) -> dict[str, Any]:
         """What a (possibly unfinished) run has written: each pass, its shards and counts."""

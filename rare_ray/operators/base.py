@@ -210,12 +210,16 @@ class Operator(ABC):
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
+# Every LLM stage's token use, re-asks included: what its engine time (or its bill) is for.
+TOKEN_COUNTERS = ("prompt_tokens", "generated_tokens")
+
 
 class LLMOperator(Operator, Generic[ConfigT]):
     """An operator that generates with an LLM engine; its keys come as a config or keywords.
 
     A subclass says how to ask (``render``) and how to read an answer (``read``); this class
-    runs the asking. Each batch's rows are asked on the run's engine (``context.engines``, one
+    runs the asking, and counts every ask's prompt and generated tokens (``TOKEN_COUNTERS``,
+    summed per stage in the manifest). Each batch's rows are asked on the run's engine (``context.engines``, one
     for every stage with the same engine config), and a row whose answer cannot be used is
     asked again at once, on the same engine, up to ``asks`` times in all (a request that
     failed in the engine or on the way is not: the backends retry those themselves). The row
@@ -248,6 +252,13 @@ class LLMOperator(Operator, Generic[ConfigT]):
     ) -> tuple[dict[str, Any], str | None]:
         """``row``'s values of ``output_fields`` from ``answer``, and the reason it cannot be
         used (None when it can)."""
+
+    @property
+    def output_fields(self) -> Sequence[pa.Field]:
+        return [
+            *super().output_fields,
+            *(pa.field(self.counter(c), pa.int32()) for c in TOKEN_COUNTERS),
+        ]
 
     @property
     def asks(self) -> int:
@@ -301,6 +312,11 @@ class LLMOperator(Operator, Generic[ConfigT]):
         times."""
         rows = batch.to_pylist()
         results: list[tuple[dict[str, Any], str | None]] = [({}, None)] * len(rows)
+        used = {self.counter(c): [0] * len(rows) for c in TOKEN_COUNTERS}
+        prompt, generated = (
+            used[self.counter("prompt_tokens")],
+            used[self.counter("generated_tokens")],
+        )
         pending = list(range(len(rows)))
         for attempt in range(1, self.asks + 1):
             render = functools.partial(self.render, attempt=attempt)
@@ -308,10 +324,18 @@ class LLMOperator(Operator, Generic[ConfigT]):
             again = []
             for i, answer in zip(pending, answers, strict=True):
                 results[i] = self.read(rows[i], answer, attempt)
+                prompt[i] += answer.prompt_tokens
+                generated[i] += answer.tokens
                 if results[i][1] is not None and answer.error is None:
                     again.append(i)
             pending = again
             if not pending:
                 break
-        outputs = {f.name: [r[0][f.name] for r in results] for f in self.output_fields}
-        return self.with_outputs(batch, outputs, [r[1] for r in results])
+        outputs = {name: [r[0][name] for r in results] for name in self._read_fields}
+        return self.with_outputs(batch, {**outputs, **used}, [r[1] for r in results])
+
+    @property
+    def _read_fields(self) -> list[str]:
+        """The columns ``read`` fills: all but the token counters, which ``answer`` does."""
+        tokens = {self.counter(c) for c in TOKEN_COUNTERS}
+        return [f.name for f in self.output_fields if f.name not in tokens]

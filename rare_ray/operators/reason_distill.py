@@ -5,6 +5,11 @@ row's id, so the order is the same on every run and on every machine, and shown 
 documents. ``document_order`` records the shuffle (0 is the positive, k the k-th negative) and
 ``positive_document`` the number the positive got. The raw response is kept; when the model
 separates its thinking with ``<think>`` tags, the two parts also get their own columns.
+
+The request is kept as the engine got it (``<output_key>_prompt``: the chat messages, the
+documents cut to their budgets, in their order), with its prompt and generated token counts:
+a training example is that prompt and this response, never a re-rendering that could drift
+(``rare_ray.export``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pyarrow as pa
 from rare_ray.config import ReasonDistillConfig
 from rare_ray.engines.contract import Fit, Generation, Messages
 from rare_ray.operators.base import LLMOperator
-from rare_ray.rows import ID
+from rare_ray.rows import ID, MESSAGES_TYPE
 from rare_ray.seeding import row_rng, row_seed
 from rare_ray.vocabulary import ColumnKind
 
@@ -72,6 +77,9 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         out = self.config.output_key
         self.think_column, self.answer_column = f"{out}_think", f"{out}_answer"
         self.finished_column = f"{out}_finished"
+        self.prompt_column = f"{out}_prompt"
+        self.prompt_tokens_column = f"{out}_prompt_tokens"
+        self.tokens_column = f"{out}_tokens"
 
     @property
     def input_columns(self) -> Mapping[str, ColumnKind]:
@@ -96,6 +104,9 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
             pa.field(self.think_column, pa.string()),
             pa.field(self.answer_column, pa.string()),
             pa.field(self.finished_column, pa.bool_()),
+            pa.field(self.prompt_column, MESSAGES_TYPE),
+            pa.field(self.prompt_tokens_column, pa.int32()),
+            pa.field(self.tokens_column, pa.int32()),
         ]
 
     def documents(self, row: dict[str, Any]) -> list[str]:
@@ -139,6 +150,9 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
             self.think_column: think,
             self.answer_column: final,
             self.finished_column: finished if reason is None else None,
+            self.prompt_column: answer.messages,
+            self.prompt_tokens_column: answer.prompt_tokens,
+            self.tokens_column: answer.tokens,
             self.counter("unfinished"): int(reason is None and not finished),
             self.counter("truncated"): answer.truncated,
         }

@@ -440,4 +440,8 @@ def test_reason_distill_through_vllms_openai_server(
         assert row["reasoning_finished"] is False and row["_distill_unfinished"] == 1
         assert row["_distill_truncated"] >= 1  # abstracts are longer than 128 tokens
         assert sorted(row["document_order"]) == [0, 1, 2, 3]
+        # The server's own counts, and the request as it was sent.
+        assert row["reasoning_tokens"] == 48 and row["reasoning_prompt_tokens"] > 4 * 64
+        assert [m["role"] for m in row["reasoning_prompt"]] == ["system", "user"]
+        assert row["_distill_prompt_tokens"] == row["reasoning_prompt_tokens"]
     assert KEY not in json.dumps(out, default=str)

@@ -73,3 +73,6 @@ def test_reasks_go_to_the_same_client_inside_the_batch_with_a_new_seed():
     assert out["engine-error"]["reject_reason"] == "engine error: HTTP 401: bad key"
     seeds = [s["seed"] for row_id, _, s in client.asked if row_id == "bad-twice"]
     assert len(set(seeds)) == 3
+    # Every ask's tokens count, the re-asks' too.
+    assert out["bad-twice"]["_doc2query_generated_tokens"] == 3 + 3 + 10
+    assert out["fine"]["_doc2query_generated_tokens"] == 10

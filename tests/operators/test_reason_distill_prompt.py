@@ -56,3 +56,13 @@ def test_answers_record_the_positive_number_and_empty_generations_are_rejected_o
     assert rows[1]["reject_reason"] == "empty generation"
     assert [row_id for row_id, _, _ in client.asked] == ["doc-1", "doc-2"]  # asked once each
     assert not any(k.startswith("_generated") for k in rows[0])
+
+
+def test_the_request_is_kept_with_its_tokens_and_the_stage_counts_them():
+    op = ReasonDistill(ENGINE, seed=0)
+    client = ScriptedClient(lambda row, _m, _s: Generation("so", tokens=7, prompt_tokens=40))
+    rows = asyncio.run(op.answer(pa.Table.from_pylist([ROW]), client)).to_pylist()
+    (_, asked, _) = client.asked[0]
+    assert rows[0]["reasoning_prompt"] == asked
+    assert rows[0]["reasoning_prompt_tokens"] == 40 and rows[0]["reasoning_tokens"] == 7
+    assert rows[0]["_distill_prompt_tokens"] == 40 and rows[0]["_distill_generated_tokens"] == 7
