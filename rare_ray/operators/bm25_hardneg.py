@@ -199,7 +199,7 @@ def _skip(
         return "same_source"
     # Copying a text out of Java and reading it is most of the cost: only for hits that got
     # this far, in one pass for both text filters.
-    text_hash, grams, shared = compare(hit.text, n, positive.grams)
+    text_hash, grams, shared = compare(hit.text, n, positive)
     if text_hash in seen:
         return "same_text"
     if filters.near_duplicate is not None and (

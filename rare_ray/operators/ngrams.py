@@ -20,8 +20,8 @@ beside this module or in numba's per-user cache; later ones load it in about 1.5
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
+from functools import cache, cached_property
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,9 +35,18 @@ class TextPrint:
     text_hash: int
     grams: Grams
 
+    @cached_property
+    def lookup(self) -> Grams:
+        """``grams`` as a hash set, for ``compare``: built once, probed by every candidate."""
+        return cast(Grams, _kernels()[2](self.grams))
+
+    @property
+    def has_zero(self) -> bool:
+        return bool(self.grams.size and self.grams[0] == 0)
+
 
 @cache
-def _kernels() -> tuple[Any, Any]:
+def _kernels() -> tuple[Any, Any, Any]:
     import numba
 
     @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
@@ -87,15 +96,33 @@ def _kernels() -> tuple[Any, Any]:
         return text_hash, np.unique(grams)
 
     @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def compare(text: Any, n: int, other: Any) -> Any:
-        # (text_hash, its distinct n-grams, how many of them ``other`` (sorted) holds): a
-        # small hash set finds the distinct ones, a binary search each one's place in other.
+    def set_of(grams: Any) -> Any:
+        # An open-addressing hash set of ``grams`` (distinct; 0 marks a free slot, so a gram
+        # that is 0 itself is not stored: ``compare`` is told of it apart).
+        size = 1
+        while size < 2 * len(grams):
+            size *= 2
+        table = np.zeros(size, np.uint64)
+        mask = np.uint64(size - 1)
+        for g in grams:
+            slot = g & mask
+            while table[slot] != 0:
+                slot = (slot + np.uint64(1)) & mask
+            table[slot] = g
+        return table
+
+    @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def compare(text: Any, n: int, other: Any, other_has_zero: bool) -> Any:
+        # (text_hash, its distinct n-grams, how many of them the set ``other`` holds): a
+        # small hash set finds the distinct ones, a probe of ``other`` each one's match. (A
+        # binary search of the sorted grams instead cost more than the rest of the pass.)
         text_hash, grams = grams_of(text, n)
         size = 1
         while size < 2 * len(grams):
             size *= 2
         table = np.empty(size, np.uint64)
         used = np.zeros(size, np.bool_)
+        other_mask = np.uint64(len(other) - 1)
         distinct = shared = 0
         for g in grams:
             slot = g & np.uint64(size - 1)
@@ -106,24 +133,33 @@ def _kernels() -> tuple[Any, Any]:
             used[slot] = True
             table[slot] = g
             distinct += 1
-            k = np.searchsorted(other, g)
-            if k < len(other) and other[k] == g:
-                shared += 1
+            if g == 0:
+                shared += other_has_zero
+                continue
+            probe = g & other_mask
+            while other[probe] != 0:
+                if other[probe] == g:
+                    shared += 1
+                    break
+                probe = (probe + np.uint64(1)) & other_mask
         return text_hash, distinct, shared
+
+    return fingerprint, compare, set_of
 
     return fingerprint, compare
 
 
 def text_print(text: str, n: int = 0) -> TextPrint:
     """``text``'s hash and, for ``n`` > 0, its distinct word ``n``-grams, sorted."""
-    fingerprint, _ = _kernels()
+    fingerprint, _, _ = _kernels()
     text_hash, grams = fingerprint(np.frombuffer(text.encode(), np.uint8), n)
     return TextPrint(int(text_hash), grams if n else _NO_GRAMS)
 
 
-def compare(text: str, n: int, other: Grams) -> tuple[int, int, int]:
+def compare(text: str, n: int, other: TextPrint) -> tuple[int, int, int]:
     """``text``'s hash, how many distinct word ``n``-grams it has, and how many of those
-    ``other`` (a ``TextPrint.grams``) has: what the filters need of a candidate, in one pass."""
-    _, kernel = _kernels()
-    text_hash, distinct, shared = kernel(np.frombuffer(text.encode(), np.uint8), n, other)
+    ``other`` has: what the filters need of a candidate, in one pass."""
+    _, kernel, _ = _kernels()
+    array = np.frombuffer(text.encode(), np.uint8)
+    text_hash, distinct, shared = kernel(array, n, other.lookup, other.has_zero)
     return int(text_hash), int(distinct), int(shared)

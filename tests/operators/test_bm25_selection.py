@@ -1,8 +1,9 @@
 """Choosing negatives from a ranked hit list, filter by filter (hand-made hits, no index)."""
 
+import numpy as np
 import pytest
 
-from rare_ray.config import BM25Config
+from rare_ray.config import SHINGLE_WORDS, BM25Config
 from rare_ray.engines.lucene import Hit, grouped_docid, split_docid
 from rare_ray.operators.bm25_hardneg import (
     FILTERS,
@@ -15,6 +16,8 @@ from rare_ray.operators.bm25_hardneg import (
     select_negatives,
     shingles,
 )
+from rare_ray.operators.ngrams import compare, text_print
+from tests.helpers import sample_rows
 
 
 def hits(*pairs, top=10.0):
@@ -191,3 +194,15 @@ def test_query_is_the_question_or_the_scenario_then_the_question():
     assert both.input_columns == {
         "question": "text", "text": "text", "scenario": "text", "source_id": "carried"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, SHINGLE_WORDS])
+def test_compare_counts_what_the_fingerprints_hold(n):
+    """The one-pass kernel the filters use agrees with the fingerprints it stands for: the
+    text's hash, its distinct n-grams, and how many the other text has."""
+    texts = [*(r["text"] for r in sample_rows(60)), "", " ", "one", "A b C", "Ünï wörds  x\ty"]
+    for i, text in enumerate(texts):
+        other = text_print(texts[(i + 1) % len(texts)] + " " + text[: len(text) // 2], n)
+        ours = text_print(text, n)
+        shared = len(np.intersect1d(ours.grams, other.grams))
+        assert compare(text, n, other) == (ours.text_hash, ours.grams.size, shared)
