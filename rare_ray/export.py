@@ -1,7 +1,8 @@
 """SFT export: a finished run's rows as the training examples trainers take as they are.
 
 ``rare-ray export OUT`` reads the published ``data/`` (the files the manifest lists) and
-writes, per format, one Parquet file per data file under ``export/<format>/split=<split>/``;
+writes, per format, one Parquet file per data file under ``export/<format>/split=<split>/``
+(``part-<export>-<group>.parquet``, the export's id a hash of the publication and options);
 each format becomes a config of the dataset card, so ``load_dataset(OUT, "messages")`` loads
 it with its ``train`` and ``validation`` splits. Formats:
 
@@ -38,7 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rare_ray.io.card import EXPORT_RECORD, EXPORTS
-from rare_ray.io.checkpoints import read_json, write_json, write_parquet_whole
+from rare_ray.io.checkpoints import fingerprint, read_json, write_json, write_parquet_whole
 from rare_ray.io.publication import MANIFEST, write_card
 from rare_ray.io.writers import OutputDir
 from rare_ray.rows import ID, MESSAGES_TYPE
@@ -112,9 +113,11 @@ def export(output: str, options: ExportOptions | None = None) -> dict[str, Any]:
     out.check_writable()
 
     pub_id = manifest["publication"]["id"]
+    chosen_options = {**asdict(options), "formats": list(options.formats)}
     record: dict[str, Any] = {
+        "id": fingerprint({"publication": pub_id, "options": chosen_options}),
         "publication": pub_id,
-        "options": {**asdict(options), "formats": list(options.formats)},
+        "options": chosen_options,
         "data_rows": 0,
         "rows": 0,
         "filtered": {},
@@ -136,11 +139,14 @@ def export(output: str, options: ExportOptions | None = None) -> dict[str, Any]:
                 continue
             examples = examples_of(chosen, columns, options.think)
             for fmt in options.formats:
-                path = f"{EXPORTS}/{fmt}/split={split}/{name.rsplit('/', 1)[1]}"
+                group = name.rsplit("/", 1)[1].removeprefix(f"part-{pub_id}-")
+                path = f"{EXPORTS}/{fmt}/split={split}/part-{record['id']}-{group}"
                 write_parquet_whole(examples[fmt], out.path(path), out.fs)
                 entry = record["formats"][fmt]
                 entry["files"].append(path)
                 entry["rows"][split] = entry["rows"].get(split, 0) + chosen.num_rows
+        # Every row may be filtered out (no format file written): the record still goes in.
+        out.fs.create_dir(out.path(EXPORTS), recursive=True)
         write_json(out.fs, out.path(EXPORT_RECORD), record)
         write_card(out.fs, out.root, manifest)
         _delete_others(out, record)

@@ -9,6 +9,7 @@ those from there, not from here.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,6 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A cache of `datasets` of the suite's own (read when `datasets` is imported, so set here):
+# loads must prove themselves, not hit what an earlier session cached for a same-named path.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="rare-ray-hf-datasets-")

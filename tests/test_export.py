@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -95,7 +96,8 @@ def test_every_format_holds_the_stored_prompt_and_the_card_lists_it(tmp_path: Pa
     card = (out / "README.md").read_text()
     for name in FORMATS:
         assert (
-            f"config_name: {name}" in card and f"path: export/{name}/split=train/*.parquet" in card
+            f"config_name: {name}" in card
+            and f"path: export/{name}/split=train/part-{record['id']}-*.parquet" in card
         )
     # Exporting again with other options replaces the files and the record.
     again = export(str(out), ExportOptions(formats=("rare",)))
@@ -103,6 +105,15 @@ def test_every_format_holds_the_stored_prompt_and_the_card_lists_it(tmp_path: Pa
     assert not (out / "export" / "messages").exists() or not any(
         (out / "export" / "messages").rglob("*.parquet")
     )
+
+
+def test_an_export_that_filters_out_every_row_still_writes_its_record(tmp_path: Path) -> None:
+    out = _finished_run(tmp_path / "run")
+    record = export(str(out), ExportOptions(max_tokens=10))
+    assert record["rows"] == 0 and sum(record["filtered"].values()) == 4
+    assert json.loads((out / "export" / "_export.json").read_text()) == record
+    assert not list((out / "export").rglob("*.parquet"))  # `datasets` fails on empty files
+    assert "config_name: messages" not in (out / "README.md").read_text()
 
 
 def test_a_card_names_no_secret_even_when_the_config_held_one() -> None:
@@ -142,3 +153,15 @@ def test_a_place_the_export_cannot_be_written_is_one_line_and_exit_2(tmp_path, c
     assert err.startswith(f"rare-ray: cannot write the export into {root}")
     assert len(err.splitlines()) == 1
     assert not (root / "README.md").exists()  # nothing was published
+
+
+def test_load_dataset_reads_each_export_and_not_its_cache_of_the_one_before(
+    tmp_path: Path,
+) -> None:
+    """``datasets`` caches a local directory by the card's globs: the export's id in them is
+    what makes a new export load as itself."""
+    out = _finished_run(tmp_path / "run")
+    export(str(out), ExportOptions(finished_only=False))
+    assert sorted(datasets.load_dataset(str(out), "rare", split="train")["id"]) == list("abcd")
+    export(str(out), ExportOptions())
+    assert sorted(datasets.load_dataset(str(out), "rare", split="train")["id"]) == list("acd")

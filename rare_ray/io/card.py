@@ -7,9 +7,13 @@ The body says how the rows were made (model, prompts' settings, sampling, BM25 s
 index), what came of them (counts per stage, rejects by reason, tokens), and how to load them.
 
 Everything in it comes from the manifest, whose config is already redacted: no key or token
-can reach the card. The split globs are exact after a successful run, because publishing
-leaves only the manifest's files under ``data/`` (``rare_ray.io.publication``); a split with
-no rows is left out (a glob that matches nothing fails ``load_dataset``).
+can reach the card. Each split's glob names its publication (``part-<publication>-*.parquet``,
+an export's ``part-<export>-*``): it matches exactly the manifest's files even while an older
+publication's are still being deleted, and it changes with every publication, which is what
+tells ``datasets`` that its cache of the directory is stale (``datasets`` 5 keys the cache of
+a local directory on the card's globs, not on the files they match, so a glob that stayed the
+same would load the rows of an earlier run). A split with no rows is left out (a glob that
+matches nothing fails ``load_dataset``).
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ def size_category(rows: int) -> str:
 
 
 def data_config(
-    name: str, directory: str, rows: Mapping[str, int], default: bool = False
+    name: str, directory: str, rows: Mapping[str, int], publication: str, default: bool = False
 ) -> dict[str, Any]:
-    """A ``configs`` entry: ``directory/split=<split>/*.parquet`` for each split with rows
-    (only those have files)."""
+    """A ``configs`` entry: ``directory/split=<split>/part-<publication>-*.parquet`` for each
+    split with rows (only those have files)."""
     files = [
-        {"split": split, "path": f"{directory}/split={split}/*.parquet"}
+        {"split": split, "path": f"{directory}/split={split}/part-{publication}-*.parquet"}
         for split in SPLITS
         if rows.get(split)
     ]
@@ -52,9 +56,9 @@ def header(manifest: Mapping[str, Any], exports: Mapping[str, Any] | None = None
     """The card's YAML header."""
     config = manifest.get("config") or {}
     rows = manifest["publication"]["data"]
-    configs = [data_config("default", "data", rows, default=True)]
+    configs = [data_config("default", "data", rows, manifest["publication"]["id"], default=True)]
     for name, export in (exports or {}).get("formats", {}).items():
-        configs.append(data_config(name, export["directory"], export["rows"]))
+        configs.append(data_config(name, export["directory"], export["rows"], exports["id"]))
     return {
         "license": (config.get("output_layout") or {}).get("license", "unknown"),
         "pretty_name": f"RARE reasoning data ({manifest['engine']['model']})",
