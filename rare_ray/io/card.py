@@ -57,7 +57,8 @@ def header(manifest: Mapping[str, Any], exports: Mapping[str, Any] | None = None
     config = manifest.get("config") or {}
     rows = manifest["publication"]["data"]
     configs = [data_config("default", "data", rows, manifest["publication"]["id"], default=True)]
-    for name, export in (exports or {}).get("formats", {}).items():
+    exports = exports or {}
+    for name, export in exports.get("formats", {}).items():
         configs.append(data_config(name, export["directory"], export["rows"], exports["id"]))
     return {
         "license": (config.get("output_layout") or {}).get("license", "unknown"),
