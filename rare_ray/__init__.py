@@ -3,7 +3,8 @@
     from rare_ray import RunConfig, run
     run(RunConfig.from_yaml("configs/local.yaml"))
 
-or one operator at a time on a Ray Dataset: ``Doc2Query``, ``BM25HardNeg``, ``ReasonDistill``.
+or one operator at a time on a Ray Dataset: ``Doc2Query``, ``BM25HardNeg``, ``ReasonDistill``,
+``AnswerVerify``.
 
 Importing the package imports neither Ray nor vLLM: the configs come at once, the operators
 and ``run`` on first use (so ``rare-ray --help`` and config checks stay fast).
@@ -21,15 +22,17 @@ from rare_ray.config import (
     ReasonDistillConfig,
     RunConfig,
     SamplingConfig,
+    VerifyConfig,
     VLLMEngineConfig,
 )
 
 if TYPE_CHECKING:
-    from rare_ray.operators import BM25HardNeg, Doc2Query, Operator, ReasonDistill
+    from rare_ray.operators import AnswerVerify, BM25HardNeg, Doc2Query, Operator, ReasonDistill
     from rare_ray.pipeline import run
 
 # Names that need Ray, and the module that has each.
 _LAZY = {
+    "AnswerVerify": "rare_ray.operators",
     "BM25HardNeg": "rare_ray.operators",
     "Doc2Query": "rare_ray.operators",
     "Operator": "rare_ray.operators",
@@ -45,6 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AnswerVerify",
     "BM25Config",
     "BM25HardNeg",
     "Doc2Query",
@@ -56,5 +60,6 @@ __all__ = [
     "RunConfig",
     "SamplingConfig",
     "VLLMEngineConfig",
+    "VerifyConfig",
     "run",
 ]

@@ -36,12 +36,14 @@ STAGE_COMMANDS: dict[str, tuple[StageName, ...]] = {
     "doc2query": ("doc2query",),
     "bm25": ("bm25",),
     "distill": ("distill",),
+    "verify": ("verify",),
 }
 _HELP = {
-    "run": "run Doc2Query -> BM25HardNeg -> ReasonDistill end to end",
+    "run": "run Doc2Query -> BM25HardNeg -> ReasonDistill -> verify end to end",
     "doc2query": "write a question and a scenario per document (needs: text)",
     "bm25": "mine BM25 hard negatives (needs: question, text)",
     "distill": "write reasoning chains (needs: text, question, scenario, hard_negatives)",
+    "verify": "check the teacher's answers (needs: question, reference_answer, reasoning)",
 }
 
 
@@ -77,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-unfinished",
         action="store_true",
         help="also rows whose reasoning was cut off at max_tokens (left out by default)",
+    )
+    export.add_argument(
+        "--include-unverified",
+        action="store_true",
+        help="also rows whose answer the verify stage did not find right (left out by default "
+        "when the run verified)",
     )
     export.add_argument(
         "--max-tokens", type=int, help="leave out rows whose prompt plus reasoning is longer"
@@ -178,6 +186,7 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         formats=tuple(args.formats),
         finished_only=not args.include_unfinished,
+        verified_only=False if args.include_unverified else None,
         max_tokens=args.max_tokens,
         think=args.think,
     )

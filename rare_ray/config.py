@@ -86,8 +86,25 @@ class SamplingConfig(_Section):
     )
 
 
+class TokenPrices(_Section):
+    """What the engine's tokens cost, for the estimate in the manifest and the card."""
+
+    prompt: Annotated[float, MAY_CHANGE] = Field(
+        ge=0, description="Price of a million prompt tokens (in any currency: it is shown as is)."
+    )
+    generated: Annotated[float, MAY_CHANGE] = Field(
+        ge=0, description="Price of a million generated tokens."
+    )
+
+
 class _EngineSection(_Section):
     """What both engines share: seeded requests and the sampling parameters they send."""
+
+    price_per_million_tokens: Annotated[TokenPrices | None, MAY_CHANGE] = Field(
+        None,
+        description="Prices per million prompt and generated tokens: the manifest and the "
+        "card then estimate each stage's cost from its token counts (a server's bill, say).",
+    )
 
     seed_requests: Annotated[bool, MUST_MATCH] = Field(
         True,
@@ -308,8 +325,16 @@ class Doc2QueryConfig(_Section):
     max_doc_tokens: Annotated[int, MUST_MATCH] = Field(
         2048, gt=0, description="Documents longer than this are truncated in the prompt."
     )
+    output_answer_key: Annotated[str | None, MUST_MATCH] = Field(
+        "reference_answer",
+        description="Column for a short reference answer written from the document, which "
+        "the verify stage checks the teacher's answer against (None: no answer is asked for).",
+    )
     max_field_chars: Annotated[int, MUST_MATCH] = Field(
-        400, gt=0, description="Longest question or scenario accepted (JSON-schema maxLength)."
+        400,
+        gt=0,
+        description="Longest question, scenario or reference answer accepted (JSON-schema "
+        "maxLength).",
     )
     sampling: Annotated[SamplingConfig, MUST_MATCH] = Field(
         default_factory=lambda: SamplingConfig(max_tokens=768)
@@ -479,6 +504,42 @@ class ReasonDistillConfig(_Section):
     )
 
 
+class VerifyConfig(_Section):
+    """The verify stage: does the teacher's final answer agree with Doc2Query's reference
+    answer? RARE keeps only rows whose answer was right; documents rarely come with gold
+    answers, so the reference is written from the document itself."""
+
+    enabled: Annotated[bool, MUST_MATCH] = Field(
+        True, description="Run the stage (off: no answer_verified column)."
+    )
+    input_question_key: Annotated[str, MUST_MATCH] = Field(
+        "question", description="Column with the question."
+    )
+    input_reference_key: Annotated[str, MUST_MATCH] = Field(
+        "reference_answer", description="Column with the reference answer (doc2query's)."
+    )
+    input_reasoning_key: Annotated[str, MUST_MATCH] = Field(
+        "reasoning",
+        description="distill's output_key: the teacher's response, and its _answer and "
+        "_finished columns.",
+    )
+    max_answer_chars: Annotated[int, MUST_MATCH] = Field(
+        2000,
+        gt=0,
+        description="The teacher's answer shown to the verifier: the text after its <think> "
+        "block, or else the end of its response, cut to this many characters.",
+    )
+    max_reason_chars: Annotated[int, MUST_MATCH] = Field(
+        240, gt=0, description="Longest reason the verifier may give (JSON-schema maxLength)."
+    )
+    max_attempts: Annotated[int, MUST_MATCH] = Field(
+        2, ge=1, description="Asks per row when the verdict cannot be read."
+    )
+    sampling: Annotated[SamplingConfig, MUST_MATCH] = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=160)
+    )
+
+
 class RayConfig(_Section):
     address: Annotated[str | None, MAY_CHANGE] = Field(
         None, description="None or 'local' starts a local Ray; 'auto' joins the running cluster."
@@ -594,6 +655,7 @@ class RunConfig(_Section):
     doc2query: Annotated[Doc2QueryConfig, MUST_MATCH] = Field(default_factory=Doc2QueryConfig)
     bm25: Annotated[BM25Config, MUST_MATCH] = Field(default_factory=BM25Config)
     distill: Annotated[ReasonDistillConfig, MUST_MATCH] = Field(default_factory=ReasonDistillConfig)
+    verify: Annotated[VerifyConfig, MUST_MATCH] = Field(default_factory=VerifyConfig)
     output_layout: Annotated[OutputConfig, MAY_CHANGE] = Field(default_factory=OutputConfig)
     checkpoint: Annotated[CheckpointConfig, MUST_MATCH] = Field(default_factory=CheckpointConfig)
 
@@ -619,6 +681,15 @@ class RunConfig(_Section):
                 f"doc2query prompts may need {need} tokens, more than engine.max_model_len "
                 f"{self.engine.max_model_len}: lower doc2query.max_doc_tokens"
             )
+        if self.verify.enabled:
+            # At worst a character a token: question, reference and the teacher's answer.
+            shown = 2 * self.doc2query.max_field_chars + self.verify.max_answer_chars
+            need = shown + overhead + self.verify.sampling.max_tokens
+            if need > self.engine.max_model_len:
+                raise ValueError(
+                    f"verify prompts may need {need} tokens, more than engine.max_model_len "
+                    f"{self.engine.max_model_len}: lower verify.max_answer_chars"
+                )
         return self
 
     @model_validator(mode="after")

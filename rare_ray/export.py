@@ -16,7 +16,9 @@ it with its ``train`` and ``validation`` splits. Formats:
 
 The prompt is the one the teacher got, stored by ReasonDistill (``reasoning_prompt``), never
 rendered again here: the documents keep their order, numbering and cuts. Options: only rows
-whose reasoning ended before ``max_tokens`` (``reasoning_finished``, the default), a maximum
+whose reasoning ended before ``max_tokens`` (``reasoning_finished``, the default), only rows
+whose answer the verify stage found to agree with the reference (``answer_verified``, the
+default when the run verified), a maximum
 length of prompt plus reasoning in tokens (the engine's own counts; a row whose counts are
 unknown is left out), and ``<think>`` blocks kept or stripped (stripped: the answer after the
 block; a response without one is kept whole). Every row of ``data/`` is either exported or
@@ -30,7 +32,7 @@ export are deleted. A new run's publication deletes the export of the one before
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -42,7 +44,7 @@ from rare_ray.io.card import EXPORT_RECORD, EXPORTS
 from rare_ray.io.checkpoints import fingerprint, read_json, write_json, write_parquet_whole
 from rare_ray.io.publication import MANIFEST, write_card
 from rare_ray.io.writers import OutputDir
-from rare_ray.rows import ID, MESSAGES_TYPE
+from rare_ray.rows import ANSWER_VERIFIED, ID, MESSAGES_TYPE
 from rare_ray.vocabulary import InputError, OutputError, storage_problem
 
 Format = Literal["messages", "prompt_completion", "rare"]
@@ -71,15 +73,19 @@ SCHEMAS: dict[str, pa.Schema] = {
 class ExportOptions:
     formats: tuple[str, ...] = tuple(FORMATS)
     finished_only: bool = True
+    # Only rows whose answer the verify stage found right; None: when the run verified.
+    verified_only: bool | None = None
     max_tokens: int | None = None
     think: Literal["keep", "strip"] = "keep"
 
 
 @dataclass(frozen=True)
 class Columns:
-    """The data/ columns an export reads, named from the run's ``distill.output_key``."""
+    """The data/ columns an export reads, named from the run's ``distill.output_key``, and
+    whether it reads the verify stage's label."""
 
     reasoning: str
+    verified: bool = False
 
     @property
     def prompt(self) -> str:
@@ -89,7 +95,7 @@ class Columns:
     def needed(self) -> list[str]:
         r = self.reasoning
         return [ID, self.prompt, r, f"{r}_answer", f"{r}_finished", f"{r}_prompt_tokens",
-                f"{r}_tokens"]  # fmt: skip
+                f"{r}_tokens", *([ANSWER_VERIFIED] if self.verified else [])]  # fmt: skip
 
 
 def export(output: str, options: ExportOptions | None = None) -> dict[str, Any]:
@@ -106,8 +112,18 @@ def export(output: str, options: ExportOptions | None = None) -> dict[str, Any]:
             "run `rare-ray run` into it first"
         )
     config = manifest.get("config") or {}
-    columns = Columns((config.get("distill") or {}).get("output_key", "reasoning"))
+    reasoning = (config.get("distill") or {}).get("output_key", "reasoning")
     data_files = sorted(f for f in manifest["publication"]["files"] if f.startswith("data/"))
+    verified = bool(data_files) and all(
+        ANSWER_VERIFIED in _schema(out, name).names for name in data_files
+    )
+    if options.verified_only and not verified:
+        raise InputError(
+            f"{output} has no {ANSWER_VERIFIED} column (its run had verify.enabled off, or "
+            "came from a rare-ray without the verify stage): export without --verified-only"
+        )
+    options = replace(options, verified_only=verified and options.verified_only is not False)
+    columns = Columns(reasoning, verified=bool(options.verified_only))
     for name in data_files:
         _check_columns(out, name, columns)
     out.check_writable()
@@ -156,11 +172,15 @@ def export(output: str, options: ExportOptions | None = None) -> dict[str, Any]:
     return record
 
 
-def _check_columns(out: OutputDir, name: str, columns: Columns) -> None:
+def _schema(out: OutputDir, name: str) -> pa.Schema:
     try:
-        schema = pq.read_schema(out.path(name), filesystem=out.fs)
+        return pq.read_schema(out.path(name), filesystem=out.fs)
     except OSError as e:
         raise InputError(f"cannot read {out.path(name)}: {storage_problem(e, out.fs)}") from e
+
+
+def _check_columns(out: OutputDir, name: str, columns: Columns) -> None:
+    schema = _schema(out, name)
     missing = [c for c in columns.needed if c not in schema.names]
     if missing:
         raise InputError(
@@ -180,6 +200,10 @@ def select(
         finished = pc.fill_null(table[f"{columns.reasoning}_finished"], False)
         filtered["unfinished"] = int(pc.sum(pc.invert(finished)).as_py() or 0)
         keep = pc.and_(keep, finished)
+    if options.verified_only:
+        verified = pc.fill_null(table[ANSWER_VERIFIED], False)
+        filtered["not verified"] = int(pc.sum(pc.and_(keep, pc.invert(verified))).as_py() or 0)
+        keep = pc.and_(keep, verified)
     if options.max_tokens is not None:
         prompt = table[f"{columns.reasoning}_prompt_tokens"]
         generated = table[f"{columns.reasoning}_tokens"]

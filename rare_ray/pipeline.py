@@ -25,7 +25,7 @@ import ray
 
 from rare_ray.config import RayConfig, RunConfig
 from rare_ray.io.checkpoints import Checkpoints, Shard, fingerprint
-from rare_ray.io.manifest import versions
+from rare_ray.io.manifest import estimated_cost, versions
 from rare_ray.io.publication import (
     Group,
     Publication,
@@ -220,7 +220,10 @@ def run_operators(
         **{k: v for op in operators for k, v in op.manifest_entries().items()},
         "shards": len(shards),
         "engines": engines,
-        "counts": _reconcile(out, operators, pub),
+        "counts": (counts := _reconcile(out, operators, pub)),
+        "estimated_cost": estimated_cost(
+            config.engine.model_dump()["price_per_million_tokens"], counts["stages"]
+        ),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "config": redact(config.model_dump(mode="json")),
         "publication": pub.to_json(),

@@ -22,6 +22,8 @@ SPLIT = "split"
 # The checkpoint shard a row belongs to, fixed at ingest (see rare_ray.io.checkpoints).
 SHARD = "shard"
 # Chat messages as a column: what ReasonDistill's teacher got, and the SFT exports.
+# The verify stage's label (rare_ray.operators.answer_verify), which the export filters on.
+ANSWER_VERIFIED = "answer_verified"
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal, cast
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-StageName = Literal["doc2query", "bm25", "distill"]
-ALL_STAGES: tuple[StageName, ...] = ("doc2query", "bm25", "distill")
+StageName = Literal["doc2query", "bm25", "distill", "verify"]
+ALL_STAGES: tuple[StageName, ...] = ("doc2query", "bm25", "distill", "verify")
 # The pass before every stage: the input read, checked and cut into shards.
 INGEST = "ingest"
 

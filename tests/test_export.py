@@ -19,6 +19,7 @@ from rare_ray.cli import main
 from rare_ray.export import FORMATS, Columns, ExportOptions, completion_of, export, select
 from rare_ray.io.card import render_card
 from rare_ray.rows import MESSAGES_TYPE
+from rare_ray.vocabulary import InputError
 
 PROMPT = [{"role": "system", "content": "be careful"}, {"role": "user", "content": "[1] doc\nQ?"}]
 
@@ -165,3 +166,25 @@ def test_load_dataset_reads_each_export_and_not_its_cache_of_the_one_before(
     assert sorted(datasets.load_dataset(str(out), "rare", split="train")["id"]) == list("abcd")
     export(str(out), ExportOptions())
     assert sorted(datasets.load_dataset(str(out), "rare", split="train")["id"]) == list("acd")
+
+
+def test_a_verified_run_exports_only_verified_rows_unless_told_otherwise(tmp_path: Path) -> None:
+    out = _finished_run(tmp_path / "run")
+    path = next((out / "data").rglob("*.parquet"))
+    table = pq.read_table(path)
+    # a: agrees; b: cut off (never verified); c: disagrees; d: unreadable verdict.
+    verified = pa.array([True, False, False, None], pa.bool_())
+    pq.write_table(table.append_column("answer_verified", verified), path)
+    record = export(str(out))
+    assert record["options"]["verified_only"] is True
+    assert record["filtered"] == {"unfinished": 1, "not verified": 2} and record["rows"] == 1
+    assert record["rows"] + sum(record["filtered"].values()) == record["data_rows"]
+    everything = export(str(out), ExportOptions(verified_only=False))
+    assert everything["rows"] == 3 and everything["filtered"] == {"unfinished": 1}
+
+
+def test_verified_only_on_a_run_that_did_not_verify_is_refused(tmp_path, capsys) -> None:
+    out = _finished_run(tmp_path / "run")
+    assert export(str(out))["options"]["verified_only"] is False  # the default adapts
+    with pytest.raises(InputError, match="no answer_verified column"):
+        export(str(out), ExportOptions(verified_only=True))

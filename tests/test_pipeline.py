@@ -42,7 +42,7 @@ from rare_ray.engines.vllm import prompt_ids
 from rare_ray.export import FORMATS, export
 from rare_ray.io.writers import OutputDir
 from rare_ray.operators.bm25_hardneg import FILTERS, Filters, Positive, select_negatives
-from rare_ray.operators.reason_distill import ReasonDistill, document_order
+from rare_ray.operators.reason_distill import ReasonDistill, cites, document_order
 from rare_ray.rows import MESSAGES_TYPE, content_key
 from tests.helpers import local_config_in, sample_rows
 
@@ -288,7 +288,9 @@ def test_data_schema(run: dict) -> None:
         "positive_score": pa.float32(),
         "hard_negatives_skipped": pa.struct([(f, pa.int32()) for f in FILTERS]),
         "reasoning_prompt": MESSAGES_TYPE, "reasoning_prompt_tokens": pa.int32(),
-        "reasoning_tokens": pa.int32(),
+        "reasoning_tokens": pa.int32(), "reference_answer": pa.string(),
+        "cites_positive": pa.bool_(), "answer_verdict": pa.string(),
+        "answer_verified": pa.bool_(), "answer_verdict_reason": pa.string(),
     }  # fmt: skip
     for name, type_ in expected.items():
         assert schema.field(name).type == type_, name
@@ -336,10 +338,10 @@ def test_status_reports_every_pass_complete_with_the_manifest_counts(run: dict) 
     status = OutputDir(str(out)).status()
     assert status["finished"]
     # Doc2Query's re-asks happen inside its batches: no pass of their own.
-    assert list(status["passes"]) == ["ingest", "doc2query", "bm25", "distill"]
+    assert list(status["passes"]) == ["ingest", "doc2query", "bm25", "distill", "verify"]
     assert all(p["complete"] and p["committed"] == p["shards"] for p in status["passes"].values())
     stages = manifest["counts"]["stages"]
-    for stage in ("ingest", "doc2query", "bm25", "distill"):
+    for stage in ("ingest", "doc2query", "bm25", "distill", "verify"):
         assert status["passes"][stage]["kept"] == stages[stage]["out"]
         assert status["passes"][stage]["rejected"] == stages[stage]["rejected"]
     assert status["published"]["data"] == manifest["counts"]["output_rows"]
@@ -353,8 +355,11 @@ def test_one_engine_served_both_llm_stages_and_every_reask_and_the_log_reads_cle
     assert config.engine.replicas == 1
     rejects = [r for r in run["rejects"] if r["stage"] == "doc2query"]
     asks = sum(r["doc2query_attempts"] for r in run["data"]) + sum(r["attempts"] for r in rejects)
-    assert not [r for r in run["rejects"] if r["stage"] == "distill"]
-    assert engine["requests"] == asks + manifest["counts"]["stages"]["distill"]["in"]
+    assert not [r for r in run["rejects"] if r["stage"] in ("distill", "verify")]
+    stages = manifest["counts"]["stages"]
+    # The verifier is asked about every row but those cut off, and again for unreadable ones.
+    verify = stages["verify"]["in"] - stages["verify"]["unfinished"] + stages["verify"]["reasked"]
+    assert engine["requests"] == asks + stages["distill"]["in"] + verify
     assert 0 < engine["first_token_after_s"] <= engine["last_token_after_s"]
     # The engine was shut down before its actor went: no vLLM error at the end of the run.
     noise = ("EngineDeadError", "ERROR", "Traceback")
@@ -382,6 +387,26 @@ def test_the_card_gives_load_dataset_both_splits_with_the_manifests_counts(run: 
     assert manifest["counts"]["stages"]["distill"]["prompt_tokens"] == sum(
         r["reasoning_prompt_tokens"] for r in run["data"]
     )
+    assert "`answer_verified`" in card.text and "`cites_positive`" in card.text
+
+
+def test_every_row_carries_a_reference_answer_a_verdict_and_whether_it_cites_the_positive(
+    run: dict,
+) -> None:
+    rows, stages = run["data"], run["manifest"]["counts"]["stages"]
+    verdicts = ("agrees", "disagrees", "unclear", "unfinished", "unreadable")
+    for row in rows:
+        assert row["reference_answer"].strip()
+        assert row["answer_verdict"] in verdicts and row["answer_verdict_reason"]
+        assert row["answer_verified"] is (
+            None if row["answer_verdict"] == "unreadable" else row["answer_verdict"] == "agrees"
+        )
+        # A reasoning cut off at max_tokens has no final answer: no ask, no tokens.
+        assert (row["answer_verdict"] == "unfinished") is (not row["reasoning_finished"])
+        assert row["cites_positive"] is bool(cites(row["reasoning"], row["positive_document"]))
+    for verdict in verdicts:  # the manifest counts each verdict
+        assert stages["verify"][verdict] == sum(r["answer_verdict"] == verdict for r in rows)
+    assert stages["distill"]["cited_positive"] == sum(r["cites_positive"] for r in rows)
 
 
 def test_the_teachers_prompt_is_stored_as_rendered(run: dict) -> None:
@@ -411,13 +436,17 @@ def test_the_export_reconciles_and_trl_trains_on_the_teachers_tokens(
     run: dict, tmp_path: Path
 ) -> None:
     out, rows = run["out"], run["data"]
-    # By default only finished reasoning is exported; the test model rarely finishes.
+    # By default only finished and verified reasoning is exported; the test model rarely
+    # finishes, and writes noise that rarely agrees with anything.
     default = _export(out)
     unfinished = sum(not r["reasoning_finished"] for r in rows)
+    unverified = sum(r["reasoning_finished"] and not r["answer_verified"] for r in rows)
     assert default["filtered"].get("unfinished", 0) == unfinished
-    assert default["rows"] == len(rows) - unfinished
+    assert default["filtered"].get("not verified", 0) == unverified
+    assert default["rows"] == len(rows) - unfinished - unverified
 
-    record = _export(out, "--include-unfinished", "--think", "strip")
+    flags = ("--include-unfinished", "--include-unverified", "--think", "strip")
+    record = _export(out, *flags)
     assert record["rows"] == record["data_rows"] == len(rows) and not record["filtered"]
     configs = DatasetCard.load(out / "README.md").data.configs
     assert [c["config_name"] for c in configs] == ["default", *FORMATS]

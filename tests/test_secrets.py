@@ -59,8 +59,12 @@ def hosted_api(key: str) -> ScriptedServer:
             return failure(401, "Incorrect API key provided")
         if ECHO in prompt:
             return failure(401, f"bad key {auth}")
+        if "response_format" in body and "verdict" in json.dumps(body["response_format"]):
+            return answer(json.dumps({"reason": "Same.", "verdict": "agrees"}), tokens=8)
         if "response_format" in body:  # Doc2Query's JSON schema
-            text = json.dumps({"question": "What does it show?", "scenario": "A reader asks."})
+            text = json.dumps(
+                {"question": "What does it show?", "scenario": "A reader asks.", "answer": "It."}
+            )
             return answer(text, tokens=20)
         return answer("<think>Document 1 is the one.</think> Document 1.", tokens=20)
 

@@ -114,9 +114,11 @@ def with_max_tokens(config: RunConfig, max_tokens: int) -> RunConfig:
     data = config.model_dump()
     data["doc2query"]["sampling"]["max_tokens"] = max_tokens
     data["distill"]["sampling"]["max_tokens"] = max_tokens
-    ratio, _ = Doc2Query(config.engine, config.doc2query).chars_per_token()
+    doc2query = Doc2Query(config.engine, config.doc2query)
+    ratio, _ = doc2query.chars_per_token()
     data["doc2query"]["max_field_chars"] = min(
-        config.doc2query.max_field_chars, Doc2Query.max_field_chars_for(max_tokens, ratio)
+        config.doc2query.max_field_chars,
+        Doc2Query.max_field_chars_for(max_tokens, ratio, len(doc2query.fields)),
     )
     return RunConfig.model_validate(data)
 

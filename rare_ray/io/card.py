@@ -128,6 +128,8 @@ def _body(manifest: Mapping[str, Any], exports: Mapping[str, Any] | None) -> str
         f"{counts['input_rows']:,} input rows: {counts['output_rows']:,} in `data/`, "
         f"{counts['rejected_rows']:,} in `rejects/`.",
         "",
+        *_signals(counts["stages"]),
+        *_cost(manifest.get("estimated_cost")),
     ]
     reasons = pub.get("reasons") or {}
     if reasons:
@@ -145,7 +147,10 @@ def _body(manifest: Mapping[str, Any], exports: Mapping[str, Any] | None) -> str
         "the documents were shuffled and numbered for the teacher), `reasoning` (the raw "
         "response; `reasoning_think` and `reasoning_answer` when it used `<think>` tags), "
         "`reasoning_finished` (it ended before `max_tokens`), `reasoning_prompt` (the chat "
-        "messages the teacher got, exactly as rendered) and its token counts.",
+        "messages the teacher got, exactly as rendered) and its token counts, `cites_positive` "
+        "(the reasoning cites the positive's number); with the verify stage, "
+        "`reference_answer` (written by Doc2Query from the document), `answer_verdict`, "
+        "`answer_verified` and `answer_verdict_reason`.",
         "",
         "Versions: "
         + ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items() if v),
@@ -178,6 +183,13 @@ def _settings(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[st
             f"- ReasonDistill: documents cut to {distill.get('max_doc_tokens')} tokens; sampling "
             f"`{json.dumps(distill.get('sampling'))}`."
         )
+    verify = config.get("verify") or {}
+    if verify.get("enabled") and "verify" in (manifest.get("stages_run") or []):
+        out.append(
+            f"- Verify: the teacher's final answer (up to {verify.get('max_answer_chars')} "
+            f"characters) against the reference answer, up to {verify.get('max_attempts')} "
+            f"asks; sampling `{json.dumps(verify.get('sampling'))}`."
+        )
     return out
 
 
@@ -193,6 +205,39 @@ def _count_rows(stages: Mapping[str, Mapping[str, int]], seconds: Mapping[str, f
             f"{cells[1]} | {took:.1f} | {rate} |"
         )
     return rows
+
+
+def _signals(stages: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The per-row labels worth filtering on, counted."""
+    lines = []
+    distill, verify = stages.get("distill") or {}, stages.get("verify") or {}
+    if "cited_positive" in distill:
+        lines.append(
+            f"- `cites_positive`: the reasoning cites the positive document in "
+            f"{distill['cited_positive']:,} of {distill['out']:,} rows."
+        )
+    if verify:
+        verdicts = ", ".join(
+            f"{verify.get(v, 0):,} {v}"
+            for v in ("agrees", "disagrees", "unclear", "unfinished", "unreadable")
+        )
+        lines.append(
+            f"- `answer_verified` (the teacher's answer agrees with the reference answer "
+            f"written from the document): {verdicts}."
+        )
+    return [*lines, ""] if lines else []
+
+
+def _cost(cost: Mapping[str, Any] | None) -> list[str]:
+    if not cost:
+        return []
+    prices = cost["price_per_million_tokens"]
+    per_stage = ", ".join(f"{stage} {value:,.4f}" for stage, value in cost["stages"].items())
+    return [
+        f"Estimated cost at {prices['prompt']:g} per million prompt and {prices['generated']:g} "
+        f"per million generated tokens: {cost['total']:,.4f} ({per_stage}).",
+        "",
+    ]
 
 
 def _export_section(exports: Mapping[str, Any]) -> list[str]:

@@ -217,7 +217,8 @@ TOKEN_COUNTERS = ("prompt_tokens", "generated_tokens")
 class LLMOperator(Operator, Generic[ConfigT]):
     """An operator that generates with an LLM engine; its keys come as a config or keywords.
 
-    A subclass says how to ask (``render``) and how to read an answer (``read``); this class
+    A subclass says how to ask (``render``) and how to read an answer (``read``), and may
+    settle a row without asking (``decided``: AnswerVerify's cut-off reasoning); this class
     runs the asking, and counts every ask's prompt and generated tokens (``TOKEN_COUNTERS``,
     summed per stage in the manifest). Each batch's rows are asked on the run's engine (``context.engines``, one
     for every stage with the same engine config), and a row whose answer cannot be used is
@@ -264,6 +265,11 @@ class LLMOperator(Operator, Generic[ConfigT]):
     def asks(self) -> int:
         """Asks per row at most: the first, and the re-asks of unusable answers."""
         return 1
+
+    def decided(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """``row``'s values of ``output_fields`` when it needs no ask at all (kept, no tokens
+        spent), or None to ask the engine."""
+        return None
 
     @property
     def resources(self) -> Resources:
@@ -317,8 +323,16 @@ class LLMOperator(Operator, Generic[ConfigT]):
             used[self.counter("prompt_tokens")],
             used[self.counter("generated_tokens")],
         )
-        pending = list(range(len(rows)))
+        pending = []
+        for i, row in enumerate(rows):
+            known = self.decided(row)
+            if known is None:
+                pending.append(i)
+            else:
+                results[i] = (known, None)
         for attempt in range(1, self.asks + 1):
+            if not pending:
+                break
             render = functools.partial(self.render, attempt=attempt)
             answers = await client.generate([rows[i] for i in pending], render)
             again = []
@@ -329,8 +343,6 @@ class LLMOperator(Operator, Generic[ConfigT]):
                 if results[i][1] is not None and answer.error is None:
                     again.append(i)
             pending = again
-            if not pending:
-                break
         outputs = {name: [r[0][name] for r in results] for name in self._read_fields}
         return self.with_outputs(batch, {**outputs, **used}, [r[1] for r in results])
 

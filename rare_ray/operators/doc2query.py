@@ -1,4 +1,6 @@
-"""Doc2Query: one self-contained, reasoning-heavy question and a scenario per document.
+"""Doc2Query: one self-contained, reasoning-heavy question and a scenario per document, and
+a short reference answer from the document (``output_answer_key``; the verify stage checks
+the teacher's answer against it).
 
 The answer is constrained to a JSON schema (vLLM structured outputs), then parsed strictly.
 A row whose answer is still unusable (cut off at ``max_tokens``, not JSON, an empty field) is
@@ -49,30 +51,46 @@ Using the knowledge in this document, write:
 - "scenario": a short, concrete situation (a case, an experiment, a decision to make) in which that knowledge matters. Describe it fully; do not refer to "the document", "the study" or "the text".
 - "question": one question about the scenario that cannot be answered by looking up a single fact. Answering it should take several steps of reasoning that combine facts and ideas from the document with the details of the scenario.
 
-Reply with a JSON object with the keys "question" and "scenario" and nothing else."""
+{answer_item}
+Reply with a JSON object with the keys {keys} and nothing else."""
+
+ANSWER_ITEM = (
+    '- "answer": the answer to the question in one or two sentences, as the document '
+    "supports it; it will be used to check answers written by others.\n"
+)
+QUESTION_FIELDS = ("question", "scenario")
+ANSWER_FIELDS = (*QUESTION_FIELDS, "answer")
 
 
-def answer_schema(max_chars: int) -> dict[str, Any]:
+def answer_schema(max_chars: int, fields: Sequence[str] = QUESTION_FIELDS) -> dict[str, Any]:
     field = {"type": "string", "minLength": 1, "maxLength": max_chars}
     return {
         "type": "object",
-        "properties": {"question": field, "scenario": field},
-        "required": ["question", "scenario"],
+        "properties": {name: field for name in fields},
+        "required": list(fields),
         "additionalProperties": False,
     }
+
+
+def user_prompt(document: str, fields: Sequence[str]) -> str:
+    keys = " and ".join(f'"{name}"' for name in fields)
+    answer_item = ANSWER_ITEM if "answer" in fields else ""
+    return USER_PROMPT.format(document=document, answer_item=answer_item, keys=keys)
 
 
 # Tokens of an answer besides its fields' text: braces, keys, quotes, the end of the text.
 ANSWER_OVERHEAD_TOKENS = 24
 
 
-def answer_tokens(max_field_chars: int, chars_per_token: float) -> int:
-    """Tokens an answer needs when both fields are as long as the schema lets them be."""
-    return math.ceil(2 * max_field_chars / chars_per_token) + ANSWER_OVERHEAD_TOKENS
+def answer_tokens(max_field_chars: int, chars_per_token: float, fields: int = 2) -> int:
+    """Tokens an answer needs when every field is as long as the schema lets it be."""
+    return math.ceil(fields * max_field_chars / chars_per_token) + ANSWER_OVERHEAD_TOKENS
 
 
-def parse_answer(text: str, tokens: int, max_tokens: int) -> tuple[str, str] | str:
-    """``(question, scenario)`` from a model answer, or the reason it cannot be used."""
+def parse_answer(
+    text: str, tokens: int, max_tokens: int, fields: Sequence[str] = QUESTION_FIELDS
+) -> tuple[str, ...] | str:
+    """The ``fields``' values from a model answer, or the reason it cannot be used."""
     if tokens >= max_tokens:
         return f"answer cut off at max_tokens ({max_tokens})"
     try:
@@ -81,22 +99,35 @@ def parse_answer(text: str, tokens: int, max_tokens: int) -> tuple[str, str] | s
         return f"answer is not valid JSON ({e.msg})"
     if not isinstance(answer, dict):
         return "answer is not a JSON object"
-    fields = []
-    for key in ("question", "scenario"):
+    values = []
+    for key in fields:
         value = answer.get(key)
         if not isinstance(value, str) or not value.strip():
             return f"answer has no usable {key!r}"
-        fields.append(value.strip())
-    return fields[0], fields[1]
+        values.append(value.strip())
+    return tuple(values)
 
 
 class Doc2Query(LLMOperator[Doc2QueryConfig]):
-    """Writes a question and a scenario for every document."""
+    """Writes a question, a scenario and (unless ``output_answer_key`` is None) a reference
+    answer for every document."""
 
     name = "doc2query"
     config_class = Doc2QueryConfig
     counters = ("truncated", "reasked")
     attempts_column = f"{name}_attempts"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The keys of the JSON answer."""
+        return ANSWER_FIELDS if self.config.output_answer_key else QUESTION_FIELDS
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The column each key of the answer goes to."""
+        cfg = self.config
+        names = [cfg.output_question_key, cfg.output_scenario_key, cfg.output_answer_key]
+        return {key: str(column) for key, column in zip(self.fields, names, strict=False)}
 
     @property
     def input_columns(self) -> Mapping[str, ColumnKind]:
@@ -109,8 +140,7 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
     @property
     def own_fields(self) -> Sequence[pa.Field]:
         return [
-            pa.field(self.config.output_question_key, pa.string()),
-            pa.field(self.config.output_scenario_key, pa.string()),
+            *(pa.field(column, pa.string()) for column in self.columns.values()),
             pa.field(self.attempts_column, pa.int32()),
         ]
 
@@ -130,14 +160,15 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         """Refuses a ``max_tokens`` that answers as long as the schema allows would overrun."""
         cfg = self.config
         ratio, measured = self.chars_per_token()
-        need = answer_tokens(cfg.max_field_chars, ratio)
+        n = len(self.fields)
+        need = answer_tokens(cfg.max_field_chars, ratio, n)
         if cfg.sampling.max_tokens < need:
             raise SettingsError(
                 f"doc2query.sampling.max_tokens ({cfg.sampling.max_tokens}) is too small for "
-                f"doc2query.max_field_chars ({cfg.max_field_chars}): two fields of that length "
+                f"doc2query.max_field_chars ({cfg.max_field_chars}): {n} fields of that length "
                 f"take about {need} tokens at {measured}, so most answers would be cut off. "
                 f"Raise max_tokens to at least {need} or lower max_field_chars to at most "
-                f"{self.max_field_chars_for(cfg.sampling.max_tokens, ratio)}."
+                f"{self.max_field_chars_for(cfg.sampling.max_tokens, ratio, n)}."
             )
 
     def chars_per_token(self) -> tuple[float, str]:
@@ -152,8 +183,8 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         return ratio, f"{ratio:.2f} characters per token for this model's tokenizer"
 
     @staticmethod
-    def max_field_chars_for(max_tokens: int, ratio: float) -> int:
-        return max(0, math.floor((max_tokens - ANSWER_OVERHEAD_TOKENS) * ratio / 2))
+    def max_field_chars_for(max_tokens: int, ratio: float, fields: int = 2) -> int:
+        return max(0, math.floor((max_tokens - ANSWER_OVERHEAD_TOKENS) * ratio / fields))
 
     def render(
         self, row: dict[str, Any], fit: Fit, attempt: int = 1
@@ -162,13 +193,14 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         document = fit(row[cfg.input_key], cfg.max_doc_tokens)
         messages = [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": USER_PROMPT.format(document=document)},
+            {"role": "user", "content": user_prompt(document, self.fields)},
         ]
         # A fresh seed per attempt: asking again with the same seed gives the same answer.
         sampling = self.engine.sampling(
             cfg.sampling, row_seed(self.seed, row[ID], self.name, attempt)
         )
-        return messages, json_schema_sampling(answer_schema(cfg.max_field_chars), sampling)
+        schema = answer_schema(cfg.max_field_chars, self.fields)
+        return messages, json_schema_sampling(schema, sampling)
 
     def read(
         self, row: dict[str, Any], answer: Generation, attempt: int
@@ -177,12 +209,11 @@ class Doc2Query(LLMOperator[Doc2QueryConfig]):
         result = (
             f"engine error: {answer.error}"
             if answer.error
-            else parse_answer(answer.text, answer.tokens, cfg.sampling.max_tokens)
+            else parse_answer(answer.text, answer.tokens, cfg.sampling.max_tokens, self.fields)
         )
-        question, scenario = (None, None) if isinstance(result, str) else result
+        values = [None] * len(self.fields) if isinstance(result, str) else result
         outputs = {
-            cfg.output_question_key: question,
-            cfg.output_scenario_key: scenario,
+            **dict(zip(self.columns.values(), values, strict=True)),
             self.attempts_column: attempt,
             self.counter("truncated"): answer.truncated,
             self.counter("reasked"): int(attempt > 1),

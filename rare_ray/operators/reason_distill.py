@@ -3,7 +3,9 @@
 The positive and the negatives are shuffled by a generator seeded from the run's seed and the
 row's id, so the order is the same on every run and on every machine, and shown as numbered
 documents. ``document_order`` records the shuffle (0 is the positive, k the k-th negative) and
-``positive_document`` the number the positive got. The raw response is kept; when the model
+``positive_document`` the number the positive got; ``cites_positive`` says whether the
+reasoning cites that number (``[2]``, or "document 2"), a free signal that it used the
+positive. The raw response is kept; when the model
 separates its thinking with ``<think>`` tags, the two parts also get their own columns.
 
 The request is kept as the engine got it (``<output_key>_prompt``: the chat messages, the
@@ -57,6 +59,12 @@ def document_order(seed: int, row_id: str, n_documents: int) -> list[int]:
     return order
 
 
+def cites(text: str, number: int) -> bool:
+    """Whether ``text`` cites document ``number`` the way the prompt asks (``[2]``), or by
+    name ("Document 2", "doc. 2")."""
+    return re.search(rf"\[{number}\]|\bdoc(?:ument)?\.?\s*#?{number}\b", text, re.I) is not None
+
+
 def split_thinking(text: str) -> tuple[str | None, str | None]:
     """``(thinking, answer)`` when the response opens with a ``<think>`` block, else Nones."""
     match = _THINK.match(text)
@@ -70,7 +78,7 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
 
     name = "distill"
     config_class = ReasonDistillConfig
-    counters = ("truncated", "unfinished")
+    counters = ("truncated", "unfinished", "cited_positive")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -100,6 +108,7 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         return [
             pa.field("document_order", pa.list_(pa.int32())),
             pa.field("positive_document", pa.int32()),
+            pa.field("cites_positive", pa.bool_()),
             pa.field(self.config.output_key, pa.string()),
             pa.field(self.think_column, pa.string()),
             pa.field(self.answer_column, pa.string()),
@@ -143,9 +152,12 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
         order = document_order(self.seed, row[ID], len(self.documents(row)))
         think, final = split_thinking(text) if reason is None else (None, None)
         finished = reason is None and answer.tokens < self.config.sampling.max_tokens
+        positive = order.index(0) + 1
+        cited = None if reason is not None else cites(text, positive)
         outputs = {
             "document_order": order,
-            "positive_document": order.index(0) + 1,
+            "positive_document": positive,
+            "cites_positive": cited,
             self.config.output_key: text if reason is None else None,
             self.think_column: think,
             self.answer_column: final,
@@ -155,5 +167,6 @@ class ReasonDistill(LLMOperator[ReasonDistillConfig]):
             self.tokens_column: answer.tokens,
             self.counter("unfinished"): int(reason is None and not finished),
             self.counter("truncated"): answer.truncated,
+            self.counter("cited_positive"): int(bool(cited)),
         }
         return outputs, reason

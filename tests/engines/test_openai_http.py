@@ -32,6 +32,7 @@ from rare_ray.config import (
     ReasonDistillConfig,
     RunConfig,
     SamplingConfig,
+    VerifyConfig,
     VLLMEngineConfig,
 )
 from rare_ray.engines import generate
@@ -44,7 +45,8 @@ from rare_ray.engines.contract import (
     json_schema_sampling,
 )
 from rare_ray.engines.openai_http import OpenAIClient, request_body
-from rare_ray.operators import Doc2Query, ReasonDistill
+from rare_ray.operators import AnswerVerify, Doc2Query, ReasonDistill
+from rare_ray.operators.answer_verify import VERDICTS
 from rare_ray.operators.doc2query import parse_answer
 from tests.helpers import REPO, sample_rows
 from tests.scripted_server import KEY, KEY_ENV, Reply, ScriptedServer, answer, engine_for, failure
@@ -445,3 +447,37 @@ def test_reason_distill_through_vllms_openai_server(
         assert [m["role"] for m in row["reasoning_prompt"]] == ["system", "user"]
         assert row["_distill_prompt_tokens"] == row["reasoning_prompt_tokens"]
     assert KEY not in json.dumps(out, default=str)
+
+
+def test_verify_through_vllms_openai_server_gives_every_finished_row_a_verdict_from_the_set(
+    ray_local: None, vllm_server: str, test_model: Path, api_key: str
+) -> None:
+    """The verifier's JSON schema held by the real engine: every asked row gets a verdict
+    from the fixed set (the test model writes noise, so which one is not asserted)."""
+    docs = sample_rows(6)
+    rows = [
+        {
+            "id": d["id"],
+            "question": "Which treatment does the study favour, and why?",
+            "reference_answer": "The one the trial favoured, for its lower risk.",
+            "reasoning": d["text"][:300],
+            "reasoning_answer": None,
+            "reasoning_finished": i != 0,  # the first one was cut off: no ask
+        }
+        for i, d in enumerate(docs)
+    ]
+    op = AnswerVerify(
+        server_engine(vllm_server, test_model),
+        VerifyConfig(max_reason_chars=60, sampling=SamplingConfig(temperature=0, max_tokens=64)),
+    )
+    out = {r["id"]: r for r in op.run(ray.data.from_items(rows)).take_all()}
+    assert sorted(out) == sorted(r["id"] for r in rows) and len(out) == len(rows)
+    first = out[rows[0]["id"]]
+    assert first["answer_verdict"] == "unfinished" and first["_verify_prompt_tokens"] == 0
+    for row in rows[1:]:
+        got = out[row["id"]]
+        assert got["reject_reason"] is None
+        assert got["answer_verdict"] in (*VERDICTS, "unreadable"), got["answer_verdict_reason"]
+        assert got["_verify_prompt_tokens"] > 0
+    # Held to the schema, the engine's verdicts are readable.
+    assert any(out[r["id"]]["answer_verdict"] in VERDICTS for r in rows[1:])

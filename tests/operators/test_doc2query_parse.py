@@ -4,6 +4,7 @@ import re
 import pytest
 
 from rare_ray.config import SamplingConfig, VLLMEngineConfig
+from rare_ray.engines.contract import Generation
 from rare_ray.operators.doc2query import Doc2Query, answer_schema, parse_answer
 from rare_ray.vocabulary import SettingsError
 from tests.scripted_server import engine_for
@@ -28,6 +29,25 @@ def test_schema_bounds_both_fields():
     assert schema["properties"]["question"]["maxLength"] == 50
 
 
+def test_the_reference_answer_is_a_third_field_in_its_own_column():
+    engine = engine_for("http://127.0.0.1:1/v1")
+    op = Doc2Query(engine, max_field_chars=60)
+    messages, sampling = op.render({"id": "d", "text": "A doc."}, lambda text, _: text)
+    schema = json.loads(sampling["structured_outputs"]["json"])
+    assert schema["required"] == ["question", "scenario", "answer"]
+    assert '"answer"' in messages[-1]["content"]
+    answer = Generation(json.dumps({"question": "Q?", "scenario": "S.", "answer": "A."}), 9)
+    outputs, reason = op.read({"id": "d"}, answer, 1)
+    assert reason is None and outputs["reference_answer"] == "A." and outputs["question"] == "Q?"
+    without = Doc2Query(engine, output_answer_key=None)
+    assert "reference_answer" not in [f.name for f in without.output_fields]
+    _, sampling = without.render({"id": "d", "text": "A doc."}, lambda text, _: text)
+    assert json.loads(sampling["structured_outputs"]["json"])["required"] == [
+        "question",
+        "scenario",
+    ]
+
+
 def test_a_budget_too_small_for_the_schema_is_refused_naming_both_settings(test_model):
     engine = VLLMEngineConfig(model=str(test_model), device="cpu")
     small = Doc2Query(engine, max_field_chars=400, sampling=SamplingConfig(max_tokens=128))
@@ -46,9 +66,14 @@ def test_a_budget_too_small_for_the_schema_is_refused_naming_both_settings(test_
 
 def test_without_a_tokenizer_the_budget_uses_chars_per_token():
     engine = engine_for("http://127.0.0.1:1/v1", chars_per_token=4.0)
-    ok = Doc2Query(engine, max_field_chars=200, sampling=SamplingConfig(max_tokens=124))
+    # Three fields (question, scenario, reference answer) of 200 characters at 4 a token.
+    ok = Doc2Query(engine, max_field_chars=200, sampling=SamplingConfig(max_tokens=174))
     ok.check_budget()
-    with pytest.raises(SettingsError, match=r"engine\.chars_per_token"):
+    with pytest.raises(SettingsError, match=r"3 fields.*engine\.chars_per_token"):
         Doc2Query(
-            engine, max_field_chars=200, sampling=SamplingConfig(max_tokens=123)
+            engine, max_field_chars=200, sampling=SamplingConfig(max_tokens=173)
         ).check_budget()
+    # Without a reference answer, two fields.
+    Doc2Query(
+        engine, max_field_chars=200, output_answer_key=None, sampling=SamplingConfig(max_tokens=124)
+    ).check_budget()

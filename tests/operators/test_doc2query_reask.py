@@ -18,7 +18,9 @@ from rare_ray.operators import Doc2Query
 from tests.helpers import ScriptedClient
 from tests.scripted_server import ScriptedServer, answer, engine_for
 
-GOOD = json.dumps({"question": "Why does it matter?", "scenario": "A clinic decides."})
+GOOD = json.dumps(
+    {"question": "Why does it matter?", "scenario": "A clinic decides.", "answer": "It does."}
+)
 
 
 def test_invalid_answers_are_asked_again_then_rejected(ray_local, api_key):

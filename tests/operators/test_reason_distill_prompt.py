@@ -7,7 +7,12 @@ import pyarrow as pa
 
 from rare_ray.config import VLLMEngineConfig
 from rare_ray.engines.contract import Generation
-from rare_ray.operators.reason_distill import ReasonDistill, document_order, split_thinking
+from rare_ray.operators.reason_distill import (
+    ReasonDistill,
+    cites,
+    document_order,
+    split_thinking,
+)
 from tests.helpers import ScriptedClient
 
 ENGINE = VLLMEngineConfig(model="unused", seed_requests=False)
@@ -66,3 +71,21 @@ def test_the_request_is_kept_with_its_tokens_and_the_stage_counts_them():
     assert rows[0]["reasoning_prompt"] == asked
     assert rows[0]["reasoning_prompt_tokens"] == 40 and rows[0]["reasoning_tokens"] == 7
     assert rows[0]["_distill_prompt_tokens"] == 40 and rows[0]["_distill_generated_tokens"] == 7
+
+
+def test_cites_positive_reads_the_positives_own_number_only():
+    assert cites("see [2], not [12]", 2) and cites("Document 2 says so", 2)
+    assert cites("doc. 3 and doc #4", 4)
+    assert not cites("see [12] and document 23", 2) and not cites("2 of them", 2)
+    op = ReasonDistill(ENGINE, seed=0)
+    positive = document_order(0, "doc-1", 4).index(0) + 1
+    other = 1 if positive != 1 else 2
+    texts = {"doc-1": f"[{positive}] holds.", "doc-2": f"[{other}] holds."}
+    client = ScriptedClient(lambda row, _m, _s: Generation(texts[row["id"]], tokens=5))
+    # doc-2 shuffles differently: its positive's number is computed on its own.
+    second = document_order(0, "doc-2", 4).index(0) + 1
+    rows = asyncio.run(
+        op.answer(pa.Table.from_pylist([ROW, {**ROW, "id": "doc-2"}]), client)
+    ).to_pylist()
+    assert rows[0]["cites_positive"] is True and rows[0]["_distill_cited_positive"] == 1
+    assert rows[1]["cites_positive"] is (other == second)
