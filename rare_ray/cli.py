@@ -197,6 +197,9 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     left_out = ", ".join(f"{n} {why}" for why, n in record["filtered"].items()) or "none"
     print(f"exported {record['rows']} of {record['data_rows']} rows (left out: {left_out})")
+    if not record["rows"]:  # no files, so no config to load
+        print("nothing to load: every row was left out (see the --include-* options)")
+        return 0
     for name, fmt in record["formats"].items():
         rows = ", ".join(f"{split} {n}" for split, n in sorted(fmt["rows"].items()))
         print(f"  {name:<18} {args.output}/{fmt['directory']} ({rows})")

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from rare_ray.vocabulary import ALL_STAGES, INGEST
+
 CARD = "README.md"
 # SFT exports (``rare_ray.export``) live under here, with a record of what was exported from
 # which publication; the card lists them while that publication is the published one.
@@ -86,9 +88,10 @@ def _body(manifest: Mapping[str, Any], exports: Mapping[str, Any] | None) -> str
         "",
         "Training data for retrieval-augmented reasoning, made by rare-ray "
         f"{manifest.get('rare_ray_version') or ''} from "
-        f"`{manifest['input']}`: for each document a question and a scenario (Doc2Query), BM25 "
-        "hard negatives mined from the whole corpus (BM25HardNeg), and a teacher's "
-        "step-by-step reasoning over the document shuffled among its negatives (ReasonDistill).",
+        f"`{manifest['input']}`: for each document a question, a scenario and a reference answer "
+        "(Doc2Query), BM25 hard negatives mined from the whole corpus (BM25HardNeg), a "
+        "teacher's step-by-step reasoning over the document shuffled among its negatives "
+        "(ReasonDistill), and whether its answer agrees with the reference (verify).",
         "",
         "## Load it",
         "",
@@ -195,7 +198,9 @@ def _settings(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[st
 
 def _count_rows(stages: Mapping[str, Mapping[str, int]], seconds: Mapping[str, float]) -> list[str]:
     rows = []
-    for stage, c in stages.items():
+    # In pipeline order (the manifest's JSON sorts its keys); a stage of another name last.
+    order = {name: n for n, name in enumerate((INGEST, *ALL_STAGES))}
+    for stage, c in sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order))):
         tokens = [c.get("prompt_tokens"), c.get("generated_tokens")]
         cells = [f"{t:,}" if t is not None else "" for t in tokens]
         took = seconds.get(stage, 0.0)
