@@ -394,8 +394,9 @@ class BM25Config(_Section):
     max_restarts: Annotated[int, MAY_CHANGE] = Field(
         3,
         ge=0,
-        description="Times a dead searcher actor is restarted, and times a batch it held is retried, "
-        "before the batch counts as failed (see checkpoint.max_failed_batches).",
+        description="Times a dead searcher actor is restarted; a batch it held waits for the "
+        "restart, and counts as failed (see checkpoint.max_failed_batches) once its searcher "
+        "is dead for good.",
     )
     local_dir: Annotated[str, MAY_CHANGE] = Field(
         "/tmp/rare-ray/indexes",
@@ -408,8 +409,9 @@ class BM25Config(_Section):
     share_uri: Annotated[str | None, MAY_CHANGE] = Field(
         None,
         description="A directory every node can read (shared path or pyarrow URI, e.g. "
-        "s3://bucket/indexes): the index goes there instead of through the object store, as "
-        "<fingerprint>.tar and .json, reusable later as prebuilt_index.",
+        "s3://bucket/indexes) for the index, as <fingerprint>.tar and .json, reusable later as "
+        "prebuilt_index. Unset, a pipeline run uses <output>/_stages/bm25/files (so the index "
+        "outlives any node) and an in-memory run the object store.",
     )
     prebuilt_index: Annotated[str | None, MUST_MATCH] = Field(
         None,

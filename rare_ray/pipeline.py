@@ -162,6 +162,7 @@ def run_operators(
         corpus=functools.partial(_corpus, source, corpus, operators),
         cluster_resources=ray.cluster_resources(),
         log=_log,
+        stages_root=f"{config.output.rstrip('/')}/_stages",
     )
     pending = [op for op in operators if not ckpt.pass_of(op.name, op.passes).complete()]
     # The LLM engines of the stages with work left start first, so that they load while

@@ -21,6 +21,7 @@ import yaml
 
 from rare_ray.cli import STAGE_COMMANDS, build_parser
 from rare_ray.config import RunConfig
+from rare_ray.vocabulary import looks_secret
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -397,3 +398,131 @@ def test_rayjob_is_a_kuberay_v1_rayjob():
     # rayStartParams are strings in the CRD.
     for group in [head, *spec["rayClusterSpec"]["workerGroupSpecs"]]:
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+
+
+# (e) the job API stays closed: no published dashboard, token authentication on ----------------
+
+# Where Ray looks for its token when RAY_AUTH_MODE=token and no RAY_AUTH_TOKEN(_PATH) is set:
+# ~/.ray/auth_token, for the image's user `ray`.
+NODE_TOKEN_PATH = "/home/ray/.ray/auth_token"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def ray_starts(commands: list[str]) -> list[tuple[dict[str, str], list[str]]]:
+    """Each `[VAR=value ...] ray start ...` in shell lines: its variables and its arguments."""
+    found = []
+    for line in commands:
+        for part in re.split(r";|&&", line):
+            tokens = shlex.split(part)
+            env = {}
+            while tokens and re.fullmatch(r"\w+=.*", tokens[0]):
+                name, _, value = tokens.pop(0).partition("=")
+                env[name] = value
+            if tokens[:2] == ["ray", "start"]:
+                found.append((env, tokens[2:]))
+    return found
+
+
+def option(args: list[str], name: str) -> str | None:
+    """The value of `--name=value` or `--name value`; None when the option is absent."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{name}="):
+            return arg.partition("=")[2]
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def launcher_exposure(launcher: dict[str, Any]) -> list[str]:
+    """How a launcher config opens the cluster to more than its own nodes; empty when not."""
+    problems = []
+    heads = ray_starts(launcher.get("head_start_ray_commands") or [])
+    workers = ray_starts(launcher.get("worker_start_ray_commands") or [])
+    if not heads or not workers:
+        problems.append("no `ray start` for the head or the workers")
+    for env, args in heads + workers:
+        if env.get("RAY_AUTH_MODE") != "token":
+            problems.append(f"ray start {shlex.join(args)}: without RAY_AUTH_MODE=token")
+    for _, args in heads:
+        host = option(args, "--dashboard-host")  # Ray's default is localhost
+        if host is not None and host not in LOOPBACK:
+            problems.append(f"the dashboard and job API listen on {host}, not the loopback")
+    token = (launcher.get("file_mounts") or {}).get(NODE_TOKEN_PATH)
+    if token is None:
+        problems.append(f"no file mount gives the nodes the token at {NODE_TOKEN_PATH}")
+    elif not token.startswith(("~", "/")) or Path(token).expanduser().is_relative_to(REPO):
+        problems.append(f"the token comes from {token}: inside the repo")
+    return problems
+
+
+def rayjob_exposure(manifest: dict[str, Any]) -> list[str]:
+    """How a RayJob opens its cluster to more than its own pods; empty when not."""
+    cluster = manifest["spec"]["rayClusterSpec"]
+    problems = []
+    if (cluster.get("authOptions") or {}).get("mode") != "token":
+        problems.append("authOptions.mode is not token")
+    head = cluster["headGroupSpec"]
+    service = head.get("serviceType", "ClusterIP")
+    if service != "ClusterIP":
+        problems.append(f"the head's Service is {service}: reachable from outside the cluster")
+    if head.get("enableIngress"):
+        problems.append("the head has an Ingress")
+    groups = [head, *cluster["workerGroupSpecs"]]
+    for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+        for var in container.get("env") or []:
+            if var["name"] == "RAY_AUTH_MODE" and var.get("value") != "token":
+                problems.append(f"{container['name']}: RAY_AUTH_MODE={var.get('value')}")
+            if looks_secret(var["name"]) and "value" in var:
+                problems.append(f"{container['name']}: {var['name']} written in the manifest")
+    runtime_env = yaml.safe_load(manifest["spec"].get("runtimeEnvYAML") or "") or {}
+    problems += [
+        f"runtime env carries {name}" for name in runtime_env.get("env_vars") or {}
+        if looks_secret(name)
+    ]  # fmt: skip
+    return problems
+
+
+def test_the_recipes_keep_the_job_api_closed():
+    assert launcher_exposure(load(LAUNCHER)) == []
+    assert rayjob_exposure(load(RAYJOB)) == []
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (LAUNCHER, RAYJOB))
+    assert "RAY_AUTH_MODE=disabled" not in text
+
+
+def test_the_exposure_checks_catch_an_open_cluster():
+    launcher = load(LAUNCHER)
+    launcher["head_start_ray_commands"] = [
+        "ray stop",
+        "ray start --head --port=6379 --dashboard-host=0.0.0.0",
+    ]
+    launcher["file_mounts"][NODE_TOKEN_PATH] = "./auth_token"
+    problems = launcher_exposure(launcher)
+    assert any("without RAY_AUTH_MODE=token" in p for p in problems)
+    assert any("listen on 0.0.0.0" in p for p in problems)
+    assert any("inside the repo" in p for p in problems)
+    del launcher["file_mounts"][NODE_TOKEN_PATH]
+    assert any("no file mount" in p for p in launcher_exposure(launcher))
+
+    manifest = load(RAYJOB)
+    cluster = manifest["spec"]["rayClusterSpec"]
+    del cluster["authOptions"]
+    cluster["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "HF_TOKEN", "value": "hf_written_here"}
+    )
+    manifest["spec"]["runtimeEnvYAML"] += "  OPENAI_API_KEY: sk-in-the-runtime-env\n"
+    problems = rayjob_exposure(manifest)
+    assert any("authOptions" in p for p in problems)
+    assert any("LoadBalancer" in p for p in problems)
+    assert any("HF_TOKEN written" in p for p in problems)
+    assert any("OPENAI_API_KEY" in p for p in problems)
+
+
+def test_the_guide_submits_with_the_token_and_passes_no_secret_in_a_runtime_env():
+    blocks = shell_blocks(GUIDE.read_text(encoding="utf-8"))
+    exports = [line for line in logical_lines(blocks) if line.startswith("export ")]
+    assert any("RAY_AUTH_MODE=token" in line for line in exports)
+    assert "ray get-auth-token --generate" in blocks
+    for command in all_job_commands():
+        env_vars = (command.runtime_env or {}).get("env_vars") or {}
+        assert not [n for n in env_vars if looks_secret(n)], command

@@ -175,6 +175,7 @@ def run(ray_head, tmp_path_factory, test_model) -> dict:
             break
         time.sleep(5)
     log = result.stdout + result.stderr  # the job's own output, tailed by `ray job submit`
+    (tmp / "job.log").write_text(log)  # whole, for a failure that the assertion shows in part
     assert result.returncode == 0, log[-5000:]
     assert "succeeded" in result.stdout
     return {
@@ -325,6 +326,13 @@ def test_manifest_records_config_engine_versions_and_index(run: dict) -> None:
     assert manifest["engine"] == {"kind": "vllm", "model": config.engine.model, "device": "cpu"}
     assert manifest["versions"]["vllm"] and manifest["versions"]["pyserini"] == "1.6.0"
     assert manifest["index"]["num_docs"] == N_GOOD + 1  # the good abstracts and the long one
+    # The index went to the run's own storage, which outlives any node, not the object store.
+    files = run["out"] / "_stages" / "bm25" / "files"
+    assert (
+        manifest["index"]["transport"]
+        == f"shared storage ({files}/{manifest['index']['fingerprint']}.tar)"
+    )
+    assert (files / f"{manifest['index']['fingerprint']}.json").is_file()
     assert manifest["config"]["bm25"]["num_neg"] == 3
     assert set(manifest["timings_seconds"]) >= {"ingest", "doc2query", "bm25", "distill"}
 
@@ -363,7 +371,9 @@ def test_one_engine_served_both_llm_stages_and_every_reask_and_the_log_reads_cle
     assert 0 < engine["first_token_after_s"] <= engine["last_token_after_s"]
     # The engine was shut down before its actor went: no vLLM error at the end of the run.
     noise = ("EngineDeadError", "ERROR", "Traceback")
-    assert not [line for line in run["log"].splitlines() if any(n in line for n in noise)]
+    lines = run["log"].splitlines()
+    loud = [n for n, line in enumerate(lines) if any(word in line for word in noise)]
+    assert not loud, "\n".join(lines[loud[0] : loud[0] + 40])  # the first one, whole
 
 
 # ---------------------------------------------------------------------------------------------

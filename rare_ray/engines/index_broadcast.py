@@ -9,6 +9,15 @@ The built index is tarred and reaches the nodes in one of two ways:
   ``<fingerprint>.json`` there. Such a pair can be given back later as a prebuilt index, so
   many runs over one corpus index it once.
 
+A pipeline run always takes the second way (into ``<output>/_stages/bm25/files/`` unless
+``share_uri`` says where), and lets the holder go once the tar is written. Chunks in the object
+store belong to the holder: when its node is lost they are lost with it (Ray does not rebuild
+objects made by ``ray.put``), and a searcher started afterwards, the replacement of one on the
+lost node included, could never get the index. The run's output is storage that every node
+already writes its checkpoints to and that outlives any node, so it costs one upload of the tar
+and one download per node, about what the object store moves anyway. The object store remains
+the way for an in-memory ``op.run(ds)``, which has no output directory.
+
 On a node, the first searcher to arrive takes a file lock keyed by the index fingerprint,
 streams the tar to disk a chunk at a time, unpacks it into a temporary directory and renames
 that into place; the others wait on the lock and find the directory there. A copy of another
@@ -206,9 +215,15 @@ class IndexBuild:
         if self.prebuilt is not None:
             return self.prebuilt
         assert self.ref is not None, "an IndexBuild has a build or a prebuilt index"
+        handle = ray.get(self.ref)
+        if handle.uri:
+            # On shared storage the index needs its builder no more: letting go of the actor
+            # gives its CPU back (and no searcher depends on the node it ran on).
+            self.holder = None
+            return handle
         # The handle carries the holder's (owning) actor handle: searchers that hold it keep
         # the holder, and so the chunks, alive.
-        return replace(ray.get(self.ref), holder=self.holder)
+        return replace(handle, holder=self.holder)
 
 
 def resolve_local_dir(local_dir: str) -> Path:

@@ -76,12 +76,20 @@ class StageContext:
     """What the driver hands a stage: the corpus (for a stage that needs all of it, like
     BM25's index, built lazily: only a stage that asks reads it), the cluster's resources,
     the run's LLM engines (started by the first stage that asks, shared by the others, closed
-    by whoever made the context), and where to say what it is doing."""
+    by whoever made the context), where to say what it is doing, and where a stage may keep
+    files of its own that must outlive any node."""
 
     corpus: Callable[[], ray.data.Dataset]
     cluster_resources: Mapping[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = _print
     engines: Engines = field(default_factory=Engines)
+    # The run's checkpoint tree (``<output>/_stages``): storage that every node reads and
+    # writes, and that no node's loss takes away. None for an in-memory run.
+    stages_root: str | None = None
+
+    def stage_files(self, stage: str) -> str | None:
+        """A directory for ``stage``'s own files on durable shared storage, or None."""
+        return None if self.stages_root is None else f"{self.stages_root}/{stage}/files"
 
     @classmethod
     def of(cls, ds: ray.data.Dataset) -> StageContext:
@@ -304,14 +312,13 @@ class LLMOperator(Operator, Generic[ConfigT]):
     def run_pass(
         self, ds: ray.data.Dataset, attempt: int, context: StageContext
     ) -> ray.data.Dataset:
-        ours = {f.name for f in self.output_fields}
-        columns = [
-            c
-            for c in ds.columns()
-            if c != REJECT_REASON and c not in ours and not c.startswith("_")
-        ]
+        # The columns are dropped batch by batch, not with ``select_columns(ds.columns())``:
+        # asking a Dataset for its columns runs a read of its own, cut short once one block
+        # is in, whose interrupted listing task prints a traceback into a successful run.
+        inputs = functools.partial(_inputs_of, ours=frozenset(f.name for f in self.output_fields))
         handle = context.engines.get(self.engine)
-        return map_with_engine(ds.select_columns(columns), self.engine, handle, self.answer)
+        rows = ds.map_batches(inputs, batch_format="pyarrow", zero_copy_batch=True)
+        return map_with_engine(rows, self.engine, handle, self.answer)
 
     async def answer(self, batch: pa.Table, client: Client) -> pa.Table:
         """Every row of ``batch`` with this operator's columns, each asked up to ``asks``
@@ -351,3 +358,10 @@ class LLMOperator(Operator, Generic[ConfigT]):
         """The columns ``read`` fills: all but the token counters, which ``answer`` does."""
         tokens = {self.counter(c) for c in TOKEN_COUNTERS}
         return [f.name for f in self.output_fields if f.name not in tokens]
+
+
+def _inputs_of(batch: pa.Table, ours: frozenset[str]) -> pa.Table:
+    """``batch`` without what a pass must not carry in: the reason an earlier pass rejected
+    a row, this stage's own columns from that pass, and other stages' counters."""
+    drop = [c for c in batch.column_names if c == REJECT_REASON or c in ours or c.startswith("_")]
+    return batch.drop_columns(drop)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,9 @@ from rare_ray.rows import ID
 from rare_ray.vocabulary import ColumnKind, SettingsError
 
 SEARCH_LOG = "search.log"
+# Rows per block handed to a searcher, in batches: enough to keep a searcher busy between
+# hand-offs, few enough that every searcher gets blocks and a lost one costs little.
+BATCHES_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,9 @@ class _HardNegativeMiner:
                 score = self.searcher.score(query, pid, group)
             mined.append(select_negatives(Positive(pid, text, group, score), hits, self.filters))
         if self.search_log is not None:  # one line per batch: where searches ran
-            record = {"node_id": self.node_id, "pid": os.getpid(), "rows": len(mined)}
+            record = {
+                "node_id": self.node_id, "pid": os.getpid(), "rows": len(mined), "t": time.time(),
+            }  # fmt: skip
             with self.search_log.open("a") as log:
                 log.write(json.dumps(record) + "\n")
         return self.operator.to_columns(batch, mined)
@@ -334,11 +340,17 @@ class BM25HardNeg(Operator):
                 )
             self._build = IndexBuild.of(handle)
             return
-        context.log("building the BM25 index in the background")
+        # In a pipeline run the index goes to the run's own durable storage unless share_uri
+        # names a place: chunks in the object store die with their holder's node, and a
+        # searcher started after that loss (on any node) could then never get the index.
+        share_uri = cfg.share_uri or context.stage_files(self.name)
+        context.log(
+            "building the BM25 index in the background"
+            + (f", for the searchers in {share_uri}" if share_uri else "")
+        )
         self._build = IndexBuild.start(
             context.corpus(), cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
-            heap=cfg.heap_per_searcher or "2g", share_uri=cfg.share_uri,
-            group_column=cfg.group_key,
+            heap=cfg.heap_per_searcher or "2g", share_uri=share_uri, group_column=cfg.group_key,
         )  # fmt: skip
 
     def use_index(self, index: IndexHandle) -> None:
@@ -388,6 +400,11 @@ class BM25HardNeg(Operator):
         index = self.wait_for_index(context)
         self._plan = plan = self.plan(ray.nodes())  # again: nodes may have come or gone since
         cfg = self.config
+        # Blocks of a few batches: Ray Data hands a searcher whole blocks, and a read of small
+        # checkpoint files comes back as one block per ~128 MiB, so that without this one
+        # searcher would search a whole stage's rows alone, and a lost node would take all of
+        # them with it.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK)
         return ds.map_batches(
             _HardNegativeMiner,
             fn_constructor_kwargs={"index": index, "operator": self, "heap": plan.heap},
@@ -396,7 +413,11 @@ class BM25HardNeg(Operator):
             num_cpus=self.resources.cpus,
             ray_remote_args_fn=_spread_over_nodes,
             max_restarts=cfg.max_restarts,
-            max_task_retries=cfg.max_restarts,
+            # A block whose searcher died waits for its restart (on any node with room),
+            # however long the cluster takes to declare the old node dead: retries while an
+            # actor is only "unavailable" are spent in seconds. max_restarts still bounds a
+            # searcher that keeps dying.
+            max_task_retries=-1,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
         )

@@ -1,0 +1,142 @@
+"""Runs a ``rare-ray`` job on a three-node Ray cluster on this machine and removes a worker
+node abruptly at a chosen moment; writes what happened as JSON.
+
+A process of its own (``python -m tests.node_loss_driver SCENARIO WORKDIR``): it owns the
+cluster's nodes (``ray.cluster_utils.Cluster``) and is never a Ray driver itself, while the job
+runs as users run it, ``rare-ray`` in another process connected to the cluster's address.
+``remove_node(node, allow_graceful=False)`` kills the node's raylet, workers and object store
+at once, as a spot preemption or a failed health check does.
+
+Scenarios:
+- ``index-builder``: ``rare-ray bm25`` over the sample questions; the node whose actor built
+  the BM25 index is removed once a searcher on it has served a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.cluster_utils import Cluster
+
+from rare_ray.operators.bm25_hardneg import SEARCH_LOG
+from tests.helpers import LOCAL_CONFIG, REPO, sample_questions, sample_rows, write_jsonl
+
+WORKERS = 2
+WORKER_CPUS = 3
+COPIES = 20
+QUESTIONS = 1000 * COPIES  # the sample holds 1,000 questions
+
+
+def _searches(nodes_dir: Path) -> list[dict[str, Any]]:
+    """Every batch a searcher served, from the search logs of all nodes."""
+    return [
+        json.loads(line)
+        for log in nodes_dir.glob(f"*/{SEARCH_LOG}")
+        for line in log.read_text().splitlines()
+    ]
+
+
+def _actor_node(cluster: Cluster, class_name: str) -> str | None:
+    """The node id of the (first) actor of ``class_name``, alive or dead, from the GCS."""
+    for actor in cluster.global_state.actor_table(None).values():
+        if actor["ActorClassName"] == class_name and actor["Address"]["NodeID"]:
+            return str(actor["Address"]["NodeID"])
+    return None
+
+
+def _wait_for(condition: Any, timeout: float, job: subprocess.Popen, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if job.poll() is not None:
+            raise RuntimeError(f"the job ended (exit {job.returncode}) before {what}")
+        time.sleep(0.1)
+    raise TimeoutError(f"no {what} after {timeout:.0f} s")
+
+
+def bm25_job(workdir: Path, address: str) -> tuple[list[str], Path]:
+    """The ``rare-ray bm25`` command, with its config written: the sample's questions, each
+    asked ``COPIES`` times (one searcher answers the sample's 1,000 in about 3 s, too soon
+    for a loss to land mid-stage), against the sample's abstracts."""
+    texts = {r["id"]: r["text"] for r in sample_rows()}
+    table = [
+        {"id": f"{q['id']}-{copy}", "question": q["question"], "text": texts[q["id"]]}
+        for copy in range(COPIES)
+        for q in sample_questions()
+    ]
+    questions = write_jsonl(workdir / "questions.jsonl", table)
+    corpus = write_jsonl(workdir / "corpus.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    config["ray"] = {"address": address}
+    config["checkpoint"] = {**config.get("checkpoint", {}), "shard_rows": 1000}
+    config["bm25"].update(
+        local_dir=str(workdir / "nodes" / "{node_id}"),
+        searchers_per_node=1,
+        cpus_per_searcher=1,
+        heap_per_searcher="512m",
+        debug_logs=True,
+    )
+    path = workdir / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = workdir / "out"
+    command = [sys.executable, "-m", "rare_ray.cli", "bm25", "--config", str(path),
+               "--input", str(questions), "--corpus", str(corpus),
+               "--output", str(out)]  # fmt: skip
+    return command, out
+
+
+def main(scenario: str, workdir_arg: str) -> None:
+    workdir = Path(workdir_arg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # No work on the head, as in cluster/: whatever the lost node ran, the others must redo.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = {}
+    for _ in range(WORKERS):
+        node = cluster.add_node(num_cpus=WORKER_CPUS, object_store_memory=300 << 20)
+        nodes[node.node_id] = node
+    cluster.wait_for_nodes()
+    result: dict[str, Any] = {"scenario": scenario, "workers": list(nodes)}
+    try:
+        if scenario != "index-builder":
+            raise ValueError(f"no scenario {scenario!r}")
+        command, out = bm25_job(workdir, cluster.address)
+        with (workdir / "job.log").open("w") as log:
+            job = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                nodes_dir = workdir / "nodes"
+                builder = _wait_for(
+                    lambda: _actor_node(cluster, "LuceneIndexHolder"), 600, job, "index builder"
+                )
+                # Once a searcher on that node has served a batch: it has rows in flight.
+                _wait_for(
+                    lambda: [b for b in _searches(nodes_dir) if b["node_id"] == builder],
+                    600, job, "search batch on the builder's node",
+                )  # fmt: skip
+                result["removed"] = builder
+                result["searched_before_removal"] = sum(b["rows"] for b in _searches(nodes_dir))
+                result["removed_at"] = time.time()
+                cluster.remove_node(nodes[builder], allow_graceful=False)
+                result["returncode"] = job.wait(timeout=900)
+            finally:
+                if job.poll() is None:
+                    job.kill()
+        result["searches"] = _searches(workdir / "nodes")
+        result["output"] = str(out)
+    finally:
+        result["log_tail"] = (workdir / "job.log").read_text()[-6000:] if (
+            workdir / "job.log"
+        ).exists() else ""  # fmt: skip
+        (workdir / "result.json").write_text(json.dumps(result, indent=1))
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
