@@ -171,8 +171,9 @@ class VLLMEngineConfig(_EngineSection):
     max_restarts: Annotated[int, MAY_CHANGE] = Field(
         3,
         ge=0,
-        description="Times a dead engine replica is restarted, and times a batch it held is retried, "
-        "before the batch counts as failed (see checkpoint.max_failed_batches).",
+        description="Times a dead engine replica (its process or its node gone) is restarted; "
+        "a batch it held waits for the restart, and counts as failed (see "
+        "checkpoint.max_failed_batches) once the replica is dead for good.",
     )
     check_resources: Annotated[bool, MAY_CHANGE] = Field(
         True,

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
@@ -51,44 +51,59 @@ class Source:
                 )
         return totals
 
-    def _files(self, shards: Iterable[int]) -> dict[str, int]:
+    def _files(self, shards: Iterable[int]) -> dict[int, list[str]]:
+        """The committed files of each of ``shards``, by shard number."""
         wanted = set(shards)
-        files = {}
+        files: dict[int, list[str]] = {}
         for p in self.passes:
             for k, shard in p.committed().items():
                 if k in wanted:
-                    files.update({f"{p.path}/{name}": k for name in shard.files})
+                    files.setdefault(k, []).extend(f"{p.path}/{name}" for name in shard.files)
         return files
 
     def read(self, shards: Iterable[int]) -> ray.data.Dataset:
-        files = self._files(shards)
-        fs = self.passes[0].fs
-        ds = ray.data.read_parquet(list(files), filesystem=fs, include_paths=self.from_ingest)
-        by_name = {PurePosixPath(f).name: k for f, k in files.items()}
-        return ds.map_batches(
-            functools.partial(
-                _pick, rows=self.rows, shard_of=by_name if self.from_ingest else None
-            ),
-            batch_format="pyarrow",
+        """The rows of ``shards``, a block per shard, read by Ray tasks.
+
+        Not ``ray.data.read_parquet``: the commit records already name every file, and Ray
+        Data's listing (a task, and footer-reading actors that are never restarted) fails the
+        whole read when a node it ran on is lost, and prints a traceback into a successful run
+        when it is cut short. A plain task that reads a shard's files is retried like any
+        other, and its input lives on the driver's node.
+        """
+        items = [{SHARD: k, "files": f} for k, f in sorted(self._files(shards).items()) if f]
+        read = functools.partial(
+            _read_shard, fs=self.passes[0].fs, rows=self.rows, from_ingest=self.from_ingest
+        )
+        return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            read, batch_size=1, batch_format="pyarrow"
         )
 
     def read_local(self, shard: int) -> pa.Table:
         """The shard's rows, read here (a shard is small): to find rows a failed batch held."""
-        fs = self.passes[0].fs
-        tables = [_pick(pq.read_table(f, filesystem=fs), self.rows) for f in self._files([shard])]
-        rows = pa.concat_tables(tables, promote_options="permissive")
-        if self.from_ingest:
-            rows = rows.append_column(SHARD, pa.array([shard] * rows.num_rows, pa.int32()))
-        return rows
+        files = self._files([shard]).get(shard, [])
+        return _read_files(files, shard, self.passes[0].fs, self.rows, self.from_ingest)
 
 
-def _pick(batch: pa.Table, rows: Rows, shard_of: dict[str, int] | None = None) -> pa.Table:
-    """The kept or the rejected rows of ``batch``; ``shard_of`` names the shard of each file."""
-    batch = kept(batch) if rows == "kept" else rejected(batch)
-    if shard_of is not None:
-        shards = [shard_of[PurePosixPath(p).name] for p in batch["path"].to_pylist()]
-        batch = batch.drop_columns(["path"]).append_column(SHARD, pa.array(shards, pa.int32()))
-    return batch
+def _read_shard(item: pa.Table, fs: pafs.FileSystem, rows: Rows, from_ingest: bool) -> pa.Table:
+    """The rows of the one shard ``item`` names (``from_items``' row of shard and files)."""
+    (shard,), (files,) = item[SHARD].to_pylist(), item["files"].to_pylist()
+    return _read_files(files, shard, fs, rows, from_ingest)
+
+
+def _read_files(
+    files: list[str], shard: int, fs: pafs.FileSystem, rows: Rows, from_ingest: bool
+) -> pa.Table:
+    """The kept or rejected rows of ``files``; ingest's files get their shard's column."""
+    tables = [_pick(pq.read_table(f, filesystem=fs), rows) for f in files]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if from_ingest:
+        table = table.append_column(SHARD, pa.array([shard] * table.num_rows, pa.int32()))
+    return table
+
+
+def _pick(batch: pa.Table, rows: Rows) -> pa.Table:
+    """The kept or the rejected rows of ``batch``."""
+    return kept(batch) if rows == "kept" else rejected(batch)
 
 
 def run_stage(

@@ -10,6 +10,8 @@ at once, as a spot preemption or a failed health check does.
 Scenarios:
 - ``index-builder``: ``rare-ray bm25`` over the sample questions; the node whose actor built
   the BM25 index is removed once a searcher on it has served a batch.
+- ``engine-node``: ``rare-ray run`` over the first ``RUN_DOCS`` sample abstracts with the test
+  model; the node of the vLLM engine replica is removed once Doc2Query has committed a shard.
 """
 
 from __future__ import annotations
@@ -21,16 +23,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 from ray.cluster_utils import Cluster
 
 from rare_ray.operators.bm25_hardneg import SEARCH_LOG
-from tests.helpers import LOCAL_CONFIG, REPO, sample_questions, sample_rows, write_jsonl
+from tests.helpers import (
+    LOCAL_CONFIG,
+    REPO,
+    TEST_MODEL,
+    local_config_in,
+    sample_questions,
+    sample_rows,
+    write_jsonl,
+)
 
 WORKERS = 2
 WORKER_CPUS = 3
 COPIES = 20
 QUESTIONS = 1000 * COPIES  # the sample holds 1,000 questions
+RUN_DOCS = 60
 
 
 def _searches(nodes_dir: Path) -> list[dict[str, Any]]:
@@ -93,6 +106,44 @@ def bm25_job(workdir: Path, address: str) -> tuple[list[str], Path]:
     return command, out
 
 
+def run_job(workdir: Path, address: str) -> tuple[list[str], Path]:
+    """The ``rare-ray run`` command over the first ``RUN_DOCS`` abstracts, config written."""
+    config = local_config_in(workdir, TEST_MODEL).model_dump(mode="json")
+    config["ray"]["address"] = address
+    config["ray"].pop("num_cpus", None)  # the cluster's nodes say how many they have
+    config["checkpoint"]["shard_rows"] = 10
+    # Batches of 8 rows: shards commit one after another, so the loss lands mid-Doc2Query.
+    config["engine"]["batch_size"] = 8
+    config["bm25"].update(local_dir=str(workdir / "nodes" / "{node_id}"), debug_logs=True)
+    path = workdir / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = Path(config["output"])
+    command = [sys.executable, "-m", "rare_ray.cli", "run", "--config", str(path),
+               "--limit", str(RUN_DOCS)]  # fmt: skip
+    return command, out
+
+
+def _committed(out: Path, stage: str) -> list[str]:
+    """Ids of the rows in ``stage``'s committed shards (those with a ``_SUCCESS``)."""
+    ids = []
+    for done in (out / "_stages" / stage).glob("shard-*/_SUCCESS"):
+        for name in json.loads(done.read_text())["files"]:
+            # The record names its files from the pass's directory: shard-NNNNN/part-....
+            ids += pq.read_table(done.parent.parent / name, columns=["id"])["id"].to_pylist()
+    return ids
+
+
+def _written(out: Path, stage: str) -> list[str]:
+    """Ids in every part file of ``stage`` that can be read now, committed or not."""
+    ids = []
+    for part in (out / "_stages" / stage).glob("shard-*/*.parquet"):
+        try:
+            ids += pq.read_table(part, columns=["id"])["id"].to_pylist()
+        except (OSError, pa.ArrowInvalid):  # being written: its rows count as not done
+            continue
+    return ids
+
+
 def main(scenario: str, workdir_arg: str) -> None:
     workdir = Path(workdir_arg)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -105,30 +156,41 @@ def main(scenario: str, workdir_arg: str) -> None:
     cluster.wait_for_nodes()
     result: dict[str, Any] = {"scenario": scenario, "workers": list(nodes)}
     try:
-        if scenario != "index-builder":
+        if scenario == "index-builder":
+            command, out = bm25_job(workdir, cluster.address)
+        elif scenario == "engine-node":
+            command, out = run_job(workdir, cluster.address)
+        else:
             raise ValueError(f"no scenario {scenario!r}")
-        command, out = bm25_job(workdir, cluster.address)
+        nodes_dir = workdir / "nodes"
         with (workdir / "job.log").open("w") as log:
             job = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             try:
-                nodes_dir = workdir / "nodes"
-                builder = _wait_for(
-                    lambda: _actor_node(cluster, "LuceneIndexHolder"), 600, job, "index builder"
-                )
-                # Once a searcher on that node has served a batch: it has rows in flight.
-                _wait_for(
-                    lambda: [b for b in _searches(nodes_dir) if b["node_id"] == builder],
-                    600, job, "search batch on the builder's node",
-                )  # fmt: skip
-                result["removed"] = builder
-                result["searched_before_removal"] = sum(b["rows"] for b in _searches(nodes_dir))
+                if scenario == "index-builder":
+                    doomed = _wait_for(
+                        lambda: _actor_node(cluster, "LuceneIndexHolder"), 600, job, "builder"
+                    )
+                    # Once a searcher on that node has served a batch: it has rows in flight.
+                    _wait_for(
+                        lambda: [b for b in _searches(nodes_dir) if b["node_id"] == doomed],
+                        600, job, "search batch on the builder's node",
+                    )  # fmt: skip
+                    result["searched_before_removal"] = sum(b["rows"] for b in _searches(nodes_dir))
+                else:
+                    doomed = _wait_for(
+                        lambda: _actor_node(cluster, "EngineReplica"), 600, job, "engine"
+                    )
+                    _wait_for(lambda: _committed(out, "doc2query"), 900, job, "doc2query shard")
+                    result["committed_before_removal"] = _committed(out, "doc2query")
+                    result["written_before_removal"] = _written(out, "doc2query")
+                result["removed"] = doomed
                 result["removed_at"] = time.time()
-                cluster.remove_node(nodes[builder], allow_graceful=False)
-                result["returncode"] = job.wait(timeout=900)
+                cluster.remove_node(nodes[doomed], allow_graceful=False)
+                result["returncode"] = job.wait(timeout=1200)
             finally:
                 if job.poll() is None:
                     job.kill()
-        result["searches"] = _searches(workdir / "nodes")
+        result["searches"] = _searches(nodes_dir)
         result["output"] = str(out)
     finally:
         result["log_tail"] = (workdir / "job.log").read_text()[-6000:] if (

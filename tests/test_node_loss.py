@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as pads
+import pytest
 
 from tests.helpers import REPO
-from tests.node_loss_driver import QUESTIONS
+from tests.node_loss_driver import QUESTIONS, RUN_DOCS
 
 
 def lose_a_node(scenario: str, workdir: Path) -> dict[str, Any]:
@@ -26,10 +27,22 @@ def lose_a_node(scenario: str, workdir: Path) -> dict[str, Any]:
     return json.loads((workdir / "result.json").read_text())
 
 
-def read_ids(path: Path) -> list[str]:
+def read_column(path: Path, column: str) -> list[Any]:
+    """``column`` of the Parquet files under ``path`` (none when nothing is there)."""
     if not path.exists():
         return []
-    return pads.dataset(path, partitioning="hive").to_table(columns=["id"])["id"].to_pylist()
+    return pads.dataset(path, partitioning="hive").to_table(columns=[column])[column].to_pylist()
+
+
+def read_ids(path: Path) -> list[str]:
+    return read_column(path, "id")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = pads.dataset(path, partitioning="hive").to_table().to_pylist()
+    return rows
 
 
 def test_losing_the_node_that_built_the_index_mid_bm25_loses_no_row(tmp_path, capsys):
@@ -57,3 +70,39 @@ def test_losing_the_node_that_built_the_index_mid_bm25_loses_no_row(tmp_path, ca
             f"twice; {on_lost_node} had been searched on the lost node"
         )
 
+
+@pytest.mark.slow
+def test_losing_the_engines_node_mid_doc2query_loses_no_row(tmp_path, capsys):
+    result = lose_a_node("engine-node", tmp_path)
+    assert result["returncode"] == 0, result["log_tail"]
+    out = Path(result["output"])
+    committed = result["committed_before_removal"]
+    assert 0 < len(committed) < RUN_DOCS  # the loss came mid-Doc2Query
+    data, rejects = read_ids(out / "data"), read_ids(out / "rejects")
+    assert sorted(data + rejects) == sorted(set(data + rejects)) and len(data + rejects) == RUN_DOCS
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["output_rows"] + counts["rejected_rows"] == RUN_DOCS
+    # No row was rejected for the loss: a lost batch is asked again, not given up on.
+    reasons = read_column(out / "rejects", "reason")
+    assert not [r for r in reasons if "Actor" in r or "retries" in r], reasons
+    # Work redone: the Doc2Query asks the engine, restarted on the node left, answered beyond
+    # those of the rows that no part file held when the node went.
+    (engine,) = manifest["engines"]  # the report of the replica since its restart
+    stages = counts["stages"]
+    written = set(result["written_before_removal"])
+    asks_left = sum(
+        r["doc2query_attempts"] for r in read_rows(out / "data") if r["id"] not in written
+    ) + sum(
+        r["attempts"]
+        for r in read_rows(out / "rejects")
+        if r["stage"] == "doc2query" and r["id"] not in written
+    )
+    verify = stages["verify"]["in"] - stages["verify"]["unfinished"] + stages["verify"]["reasked"]
+    redone = engine["requests"] - stages["distill"]["in"] - verify - asks_left
+    assert redone >= 0
+    with capsys.disabled():
+        print(
+            f"\n[node loss: engine node mid-Doc2Query] {len(committed)} of {RUN_DOCS} rows "
+            f"committed before the loss; {redone} requests redone after it"
+        )

@@ -21,16 +21,21 @@ questions, whose gold abstracts are in every corpus.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
 from rare_ray.bench.common import read_jsonl
 from rare_ray.config import STRICT_PRESET, BM25Config
-from rare_ray.engines.index_broadcast import IndexHandle, local_index
+from rare_ray.engines.index_broadcast import IndexHandle, local_index, prebuilt_index
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
 from rare_ray.operators import BM25HardNeg, StageContext
@@ -138,6 +143,26 @@ def plain_search_s(
         searcher.close()
 
 
+def plain_search_s_apart(
+    index_uri: str, config: BM25Config, questions: list[str], threads: int
+) -> float:
+    """``plain_search_s`` on the index written to ``index_uri``, in a process of its own: a
+    JVM started in a process that has run Ray and vLLM beside it has crashed it (SIGSEGV)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "work.json"
+        work.write_text(json.dumps({"config": config.model_dump(mode="json"),
+                                    "questions": questions}))  # fmt: skip
+        command = [sys.executable, "-m", "rare_ray.bench.bm25", index_uri, str(work), str(threads)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
+def _plain_search_main(index_uri: str, work_path: str, threads: str) -> None:
+    work = json.loads(Path(work_path).read_text())
+    config = BM25Config.model_validate(work["config"])
+    print(plain_search_s(prebuilt_index(index_uri), config, work["questions"], int(threads)))
+
+
 def main(sizes: list[int], searchers_per_node: int, repeats: int, local_dir: str) -> list[Row]:
     config = BM25Config(
         searchers_per_node=searchers_per_node,
@@ -154,3 +179,7 @@ def main(sizes: list[int], searchers_per_node: int, repeats: int, local_dir: str
         rows.append(row)
         print(row.markdown(), flush=True)
     return rows
+
+
+if __name__ == "__main__":  # plain_search_s_apart's process
+    _plain_search_main(*sys.argv[1:4])

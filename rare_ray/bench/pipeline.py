@@ -14,8 +14,8 @@ actor and engine starts, as a user's run does). For each run it reports:
   bare vLLM (``vllm.LLM.chat`` in a process of its own, with the stage's engine arguments, as
   ``rare-ray bench llm`` runs it) on the Doc2Query prompts of the run's documents (one ask
   each) and on the ReasonDistill prompts of the rows it published, plus plain pyserini
-  ``batch_search`` (Anserini's, with as many threads as the stage had CPUs) for their
-  questions. Engine starts and index builds are not in the bare time: they are what the job
+  ``batch_search`` (Anserini's, with as many threads as the stage had CPUs, in a process of
+  its own) for their questions, on the index the run wrote. Engine starts and index builds are not in the bare time: they are what the job
   has to hide.
 
 ``--baseline-tree PATH`` also runs every size with the code of another checkout (for example
@@ -223,10 +223,10 @@ def bare_time(config: RunConfig) -> Bare:
     import pyarrow.dataset as pads
     import ray
 
-    from rare_ray.bench.bm25 import plain_search_s
+    from rare_ray.bench.bm25 import plain_search_s_apart
     from rare_ray.bench.llm import bare_engine_kwargs, requests, run_bare
     from rare_ray.io.readers import read_documents
-    from rare_ray.operators import BM25HardNeg, Doc2Query, ReasonDistill, StageContext
+    from rare_ray.operators import BM25HardNeg, Doc2Query, ReasonDistill
     from rare_ray.pipeline import init_ray
 
     engine = config.engine
@@ -235,20 +235,19 @@ def bare_time(config: RunConfig) -> Bare:
     init_ray(config.ray, log_to_driver=False, attempts=3)
     documents = read_documents(config.input, {"text": "text"}, config.id_key, config.limit)
     doc_rows = documents.take_all()
+    cpus = BM25HardNeg(config.bm25).plan(ray.nodes()).total * max(
+        config.bm25.cpus_per_searcher, config.bm25.threads_per_searcher
+    )
+    ray.shutdown()
     data = pads.dataset(Path(config.output) / "data", format="parquet", partitioning="hive")
     rows = data.to_table().to_pylist()
 
-    # BM25: plain pyserini over an index of the same documents, built here, not timed.
-    bm25 = BM25HardNeg(config.bm25)
-    context = StageContext(corpus=lambda: documents, log=lambda _: None)
-    bm25.prepare(context)
-    index = bm25.wait_for_index(context)
-    cpus = bm25.plan(ray.nodes()).total * max(
-        config.bm25.cpus_per_searcher, config.bm25.threads_per_searcher
-    )
+    # BM25: plain pyserini on the index the run wrote to its own storage.
+    manifest = json.loads((Path(config.output) / "manifest.json").read_text())
     questions = [r[config.bm25.input_question_key] for r in rows]
-    bm25_s = plain_search_s(index, config.bm25, questions, max(1, round(cpus)))
-    ray.shutdown()
+    bm25_s = plain_search_s_apart(
+        manifest["index"]["uri"], config.bm25, questions, max(1, round(cpus))
+    )
 
     kwargs = bare_engine_kwargs(engine)
     env = {str(k): str(v) for k, v in config.ray.runtime_env.get("env_vars", {}).items()}

@@ -73,6 +73,7 @@ class IndexHandle:
             "bytes": self.nbytes,
             "build_seconds": round(self.build_seconds, 3),
             "transport": f"shared storage ({self.uri})" if self.uri else "ray object store",
+            "uri": self.uri,
             "chunks": len(self.chunks),
             **self.params,
         }

@@ -32,10 +32,13 @@ candidates were:
   stage's rows) unchanged. ``rare-ray bench pipeline`` measures it against the processor
   (``BENCHMARKS.md``).
 
-Restarts. A replica is a Ray actor with ``max_restarts`` = ``engine.max_restarts`` and as many
-task retries: an engine whose process dies (``EngineDeadError``) exits its actor, Ray starts a
-new one and retries the batch on it; a replica that keeps dying fails the stage instead of
-looping. One request that fails leaves its error in its row and never fails the batch.
+Restarts. A replica is a Ray actor with ``max_restarts`` = ``engine.max_restarts``: an engine
+whose process dies (``EngineDeadError``) exits its actor, and so does a lost node; Ray starts a
+new one (on any node with room) and the batches it held wait for it and run there (their task
+retries are not capped: while an actor is only "unavailable", as the replica of a node not yet
+declared dead is, capped retries are spent in seconds). A replica that keeps dying is dead for
+good after its restarts, and its batches fail the stage instead of looping. One request that
+fails leaves its error in its row and never fails the batch.
 """
 
 from __future__ import annotations
@@ -197,7 +200,7 @@ class VLLMPool:
         replicas, groups = [], []
         options: dict[str, Any] = {
             "max_restarts": engine.max_restarts,
-            "max_task_retries": engine.max_restarts,
+            "max_task_retries": -1,  # bounded by max_restarts (see the module's "Restarts")
             # Requests of every batch in flight at once, plus the bench's report calls.
             "max_concurrency": 1000,
         }

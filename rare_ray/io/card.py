@@ -173,12 +173,17 @@ def _settings(config: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[st
         )
     if bm25:
         index = manifest.get("index") or {}
+
+        def setting(key: str) -> str:  # an unset filter reads "off", not Python's None
+            value = bm25.get(key)
+            return "off" if value is None else f"`{value}`"
+
         out.append(
             f"- BM25HardNeg: {bm25.get('num_neg')} negatives from the top {bm25.get('depth')} "
-            f"(k1 {bm25.get('k1')}, b {bm25.get('b')}, preset `{bm25.get('preset')}`, query "
-            f"`{bm25.get('query')}`, start rank {bm25.get('start_rank')}, group key "
-            f"`{bm25.get('group_key')}`, near-duplicate {bm25.get('near_duplicate')}, relative "
-            f"margin {bm25.get('relative_margin')}, max score {bm25.get('max_score')}); index "
+            f"(k1 {bm25.get('k1')}, b {bm25.get('b')}, preset {setting('preset')}, query "
+            f"{setting('query')}, start rank {bm25.get('start_rank')}, group key "
+            f"{setting('group_key')}, near-duplicate {setting('near_duplicate')}, relative "
+            f"margin {setting('relative_margin')}, max score {setting('max_score')}); index "
             f"`{index.get('fingerprint')}` of {index.get('num_docs')} documents."
         )
     if distill:
