@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     bm25.add_argument("--searchers-per-node", type=int, default=2)
     bm25.add_argument("--repeats", type=int, default=20, help="passes over the 1,000 queries")
     bm25.add_argument("--local-dir", default="/tmp/rare-ray/bench-indexes")
+    bm25.add_argument(
+        "--job",
+        nargs="+",
+        metavar="FILE",
+        help="instead: the whole `rare-ray bm25` command over each file (id, text, question) "
+        "against plain pyserini doing the same work, each in its own process",
+    )
+    bm25.add_argument("--config", default="configs/local.yaml", help="with --job: the run's config")
+    bm25.add_argument(
+        "--baseline-tree", help="with --job: also run the command with another checkout's code"
+    )
     bench.add_parser(
         "negatives", help="how far true and false negatives lie apart (bm25.preset: strict)"
     )
@@ -245,6 +256,11 @@ def _bench(args: argparse.Namespace) -> int:
             pipeline.main(config, args.sizes, args.output, args.json, args.baseline_tree)
         return 0
 
+    if args.bench == "bm25" and args.job:  # both sides in processes of their own
+        from rare_ray.bench import bm25_job
+
+        bm25_job.main(args.config, args.job, args.baseline_tree)
+        return 0
     if args.bench == "negatives":  # plain pyserini in this process: no Ray
         from rare_ray.bench import negatives
 

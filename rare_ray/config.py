@@ -584,7 +584,8 @@ class CheckpointConfig(_Section):
     shard_rows: Annotated[int, MUST_MATCH] = Field(
         1000,
         gt=0,
-        description="Rows per shard. Every stage writes and commits its output shard by shard; "
+        description="Rows per shard, cut once at ingest (rows rejected there count too). "
+        "Every stage writes and commits its output shard by shard; "
         "a run that dies loses at most the shards in flight, and a rerun redoes only those.",
     )
     max_failed_batches: Annotated[int, MAY_CHANGE] = Field(

@@ -157,7 +157,7 @@ def run_operators(
 
     ingest = ckpt.pass_of(INGEST)
     # Each pass reads its rows from here: ingest's kept rows, then the pass before's.
-    source = Source((ingest,), "kept", from_ingest=True)
+    source = Source((ingest,), "kept")
     context = StageContext(
         corpus=functools.partial(_corpus, source, corpus, operators),
         cluster_resources=ray.cluster_resources(),

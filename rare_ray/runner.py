@@ -26,20 +26,22 @@ import ray.data
 
 from rare_ray.io.checkpoints import Checkpoints, Pass, ShardCommitter, write_parts
 from rare_ray.operators.base import Operator, StageContext
-from rare_ray.rows import ID, SHARD, kept, rejected
+from rare_ray.rows import ID, kept, rejected
 from rare_ray.vocabulary import StageError
 
 Rows = Literal["kept", "rejected"]
 
+# Rows per read task of a stage's input.
+_READ_TASK_ROWS = 4096
+
 
 @dataclass(frozen=True)
 class Source:
-    """Where a pass reads its rows: the kept rows of the stage before, or the rows the pass
-    before rejected. Ingest files carry no shard column: their shard is their file's."""
+    """Where a pass reads its rows: the kept rows of the stage before (or of ingest), or the
+    rows the pass before rejected."""
 
     passes: tuple[Pass, ...]
     rows: Rows
-    from_ingest: bool = False
 
     def expected(self) -> dict[int, int]:
         """Rows per shard this source holds (from the commit records, not the files)."""
@@ -62,18 +64,27 @@ class Source:
         return files
 
     def read(self, shards: Iterable[int]) -> ray.data.Dataset:
-        """The rows of ``shards``, a block per shard, read by Ray tasks.
+        """The rows of ``shards``, read by Ray tasks of consecutive shards, about
+        ``_READ_TASK_ROWS`` rows each (the stages cut them into batches of their own).
 
         Not ``ray.data.read_parquet``: the commit records already name every file, and Ray
         Data's listing (a task, and footer-reading actors that are never restarted) fails the
         whole read when a node it ran on is lost, and prints a traceback into a successful run
-        when it is cut short. A plain task that reads a shard's files is retried like any
-        other, and its input lives on the driver's node.
+        when it is cut short. A plain task that reads its files is retried like any other, and
+        its input lives on the driver's node. Tasks of a few thousand rows, not one per shard:
+        each task costs a scheduling round and a block, whatever its size.
         """
-        items = [{SHARD: k, "files": f} for k, f in sorted(self._files(shards).items()) if f]
-        read = functools.partial(
-            _read_shard, fs=self.passes[0].fs, rows=self.rows, from_ingest=self.from_ingest
-        )
+        counts = self.expected()
+        tasks: list[list[str]] = [[]]
+        rows = 0
+        for k, files in sorted(self._files(shards).items()):
+            if tasks[-1] and rows + counts.get(k, 0) > _READ_TASK_ROWS:
+                tasks.append([])
+                rows = 0
+            tasks[-1].extend(files)
+            rows += counts.get(k, 0)
+        items = [{"files": files} for files in tasks if files]
+        read = functools.partial(_read_task, fs=self.passes[0].fs, rows=self.rows)
         return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             read, batch_size=1, batch_format="pyarrow"
         )
@@ -81,24 +92,18 @@ class Source:
     def read_local(self, shard: int) -> pa.Table:
         """The shard's rows, read here (a shard is small): to find rows a failed batch held."""
         files = self._files([shard]).get(shard, [])
-        return _read_files(files, shard, self.passes[0].fs, self.rows, self.from_ingest)
+        return _read_files(files, self.passes[0].fs, self.rows)
 
 
-def _read_shard(item: pa.Table, fs: pafs.FileSystem, rows: Rows, from_ingest: bool) -> pa.Table:
-    """The rows of the one shard ``item`` names (``from_items``' row of shard and files)."""
-    (shard,), (files,) = item[SHARD].to_pylist(), item["files"].to_pylist()
-    return _read_files(files, shard, fs, rows, from_ingest)
+def _read_task(item: pa.Table, fs: pafs.FileSystem, rows: Rows) -> pa.Table:
+    """The rows of the files ``item`` names (one row of ``from_items``)."""
+    return _read_files(item["files"].to_pylist()[0], fs, rows)
 
 
-def _read_files(
-    files: list[str], shard: int, fs: pafs.FileSystem, rows: Rows, from_ingest: bool
-) -> pa.Table:
-    """The kept or rejected rows of ``files``; ingest's files get their shard's column."""
+def _read_files(files: list[str], fs: pafs.FileSystem, rows: Rows) -> pa.Table:
+    """The kept or rejected rows of ``files``."""
     tables = [_pick(pq.read_table(f, filesystem=fs), rows) for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    if from_ingest:
-        table = table.append_column(SHARD, pa.array([shard] * table.num_rows, pa.int32()))
-    return table
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _pick(batch: pa.Table, rows: Rows) -> pa.Table:

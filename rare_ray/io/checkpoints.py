@@ -2,29 +2,33 @@
 
 Layout of ``DIR/_stages/``::
 
-    ingest/part-*.parquet                   the corpus as read, bad rows with their reason
-    ingest/_SUCCESS                         the shards: which ingest files make each one
+    ingest/shard-00007/part-<hash>.parquet  the eighth 100 rows of the corpus as read
+                                            (shard_rows 100), bad ones with their reason
+    ingest/_SUCCESS                         every shard, with its files and counts
     <stage>/_SETTINGS.json                  what the stage's output depends on
     <stage>/shard-00007/part-<hash>.parquet rows of shard 7, kept and rejected
     <stage>/shard-00007/_SUCCESS            the shard's files and counts, written last
     <stage>/attempt-2/shard-00007/...       a re-ask pass over the rows that failed before
     <stage>/_SUCCESS                        every shard of the pass, with its counts
 
-Shards are cut once, at ingest: consecutive ingest files of up to ``shard_rows`` kept rows
-make a shard, and a row keeps its shard number (column ``shard``) through every stage. Each
-stage streams its rows into part files named by a hash of the ids they hold, and the driver
-commits a shard as soon as all the rows it expects have been written (on a local disk, the
-files are fsync'ed first). Only the files a shard's ``_SUCCESS`` lists are ever read, so a part
+Shards are cut once, at ingest, by row count: ``shard_rows`` rows of the corpus as read (kept
+or rejected) make a shard, and a row keeps its shard number (column ``shard``) through every
+stage. Each stage streams its rows into part files named by a hash of the ids they hold, and
+the driver commits a shard as soon as all the rows it expects have been written (on a local
+disk, the files are fsync'ed first). Only the files a shard's ``_SUCCESS`` lists are ever read, so a part
 left by a killed run, or by a task that Ray retried, is never read twice; a rerun clears the
 shards that were not committed and redoes just those.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -93,10 +97,12 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
         return None
 
 
-def write_parts(batch: pa.Table, directory: str, fs: pafs.FileSystem) -> pa.Table:
+def write_parts(batch: pa.Table, directory: str, fs: pafs.FileSystem, tag: str = "") -> pa.Table:
     """Writes ``batch`` into its shards' directories; returns one row per file written.
 
     Runs in Ray tasks, fused with the stage's last step, so rows never travel to be written.
+    A part is named by a hash of ``tag`` and its rows' ids: rows without an id (ingest's
+    rejects) need a ``tag`` that tells their parts apart.
     """
     written: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
     if batch.num_rows == 0:
@@ -105,7 +111,8 @@ def write_parts(batch: pa.Table, directory: str, fs: pafs.FileSystem) -> pa.Tabl
     counters = counter_columns(batch.schema)
     for shard in pc.unique(shards).to_pylist():
         part = batch.filter(pc.equal(shards, shard))
-        digest = hashlib.sha1("\n".join(part[ID].to_pylist()).encode("utf-8")).hexdigest()[:20]
+        ids = "\n".join(i or "" for i in part[ID].to_pylist())
+        digest = hashlib.sha1(f"{tag}\n{ids}".encode()).hexdigest()[:20]
         name = f"{shard_dir(shard)}/part-{digest}.parquet"
         write_parquet_whole(part, f"{directory}/{name}", fs)
         is_rejected = pc.is_valid(part[REJECT_REASON])
@@ -345,28 +352,64 @@ class Checkpoints:
     # Ingest: the corpus as read, cut into the shards every later stage keeps ----------------
 
     def write_ingest(self, ds: Any, shard_rows: int) -> dict[int, Shard]:
-        """Writes the ingested corpus (a Ray Dataset) and cuts it into shards."""
+        """Writes the ingested corpus (a Ray Dataset) in shards of ``shard_rows`` rows each.
+
+        Ray Data first writes the rows as they come (``_rows/``, files of any size: how many
+        depends on the reader and the dedupe shuffle, not on ``shard_rows``). The driver reads
+        only those files' footers (their row counts; one request per file, in parallel) and
+        numbers the rows file by file; Ray tasks then write each shard's rows into the shard's
+        directory, and each shard is committed like a stage's, with its counts. A shard's rows
+        count kept and rejected rows alike, so every shard but the last has ``shard_rows``.
+        """
         ingest = self.pass_of(INGEST)
         if self.fs.get_file_info(ingest.path).type != pafs.FileType.NotFound:
             self.fs.delete_dir(ingest.path)
-        ds.write_parquet(ingest.path, filesystem=self.fs)
-        self.fs.create_dir(ingest.path, recursive=True)  # no rows still makes the directory
-        listing = self.fs.get_file_info(pafs.FileSelector(ingest.path))
-        names = sorted(i.base_name for i in listing if i.base_name.endswith(".parquet"))
-        shards: dict[int, Shard] = {}
-        current = Shard()
-        for name in names:
-            reasons = pq.read_table(
-                f"{ingest.path}/{name}", columns=[REJECT_REASON], filesystem=self.fs
-            )[REJECT_REASON]
-            rejected = int(pc.sum(pc.is_valid(reasons)).as_py() or 0)
-            if current.files and current.kept + len(reasons) - rejected > shard_rows:
-                shards[len(shards)] = current
-                current = Shard()
-            current.files.append(name)
-            current.kept += len(reasons) - rejected
-            current.rejected += rejected
-        if current.files or not shards:
-            shards[len(shards)] = current
-        ingest.commit(shards)
-        return shards
+        staging = f"{ingest.path}/{_STAGING}"
+        ds.write_parquet(staging, filesystem=self.fs)
+        listing = self.fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
+        files = sorted(i.path for i in listing if i.base_name.endswith(".parquet"))
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            sizes = list(
+                pool.map(lambda f: pq.read_metadata(f, filesystem=self.fs).num_rows, files)
+            )
+        total, offsets = sum(sizes), list(itertools.accumulate([0, *sizes[:-1]]))
+        expected = {
+            k: min(shard_rows, total - k * shard_rows) for k in range(-(-total // shard_rows))
+        }
+        committer = ShardCommitter(ingest, expected or {0: 0})
+        items = [
+            {"file": f, "offset": o} for f, o, n in zip(files, offsets, sizes, strict=True) if n
+        ]
+        if items:
+            import ray.data  # here: `rare-ray status` reads checkpoints without starting Ray
+
+            cut = functools.partial(
+                _cut_into_shards, shard_rows=shard_rows, directory=ingest.path, fs=self.fs
+            )
+            written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                cut, batch_size=1, batch_format="pyarrow"
+            )
+            for parts in written.iter_batches(batch_format="pyarrow", batch_size=None):
+                committer.add(parts)
+        if committer.short():
+            raise ResumeError(f"{ingest.path}: rows missing from shards {committer.short()}")
+        ingest.commit(committer.written)
+        if listing:
+            self.fs.delete_dir(staging)
+        return committer.written
+
+
+# Where ingest's rows land before they are cut into shards (a name no reader takes for a shard).
+_STAGING = "_rows"
+
+
+def _cut_into_shards(
+    item: pa.Table, shard_rows: int, directory: str, fs: pafs.FileSystem
+) -> pa.Table:
+    """Writes the rows of the one staged ingest file ``item`` names into their shards: row i of
+    the file is row ``offset + i`` of the corpus. Returns ``write_parts``' record of files."""
+    (path,), (offset,) = item["file"].to_pylist(), item["offset"].to_pylist()
+    rows = pq.read_table(path, filesystem=fs)
+    position = pa.array(range(offset, offset + rows.num_rows), pa.int64())
+    shard = pc.cast(pc.divide(position, shard_rows), pa.int32())
+    return write_parts(rows.append_column(SHARD, shard), directory, fs, tag=f"row {offset}")

@@ -9,6 +9,7 @@ neither reads nor carries (``ColumnKind`` "carried") are dropped.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +17,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 import ray.data
+from ray.data.aggregate import Count, Min
+from ray.data.expressions import col
 
 from rare_ray.rows import ID, LINE, REJECT_REASON, SOURCE, content_key, table
 from rare_ray.vocabulary import ColumnKind, InputError, filesystem, storage_problem, store_of
@@ -28,6 +33,13 @@ SAMPLE_QUESTIONS = SAMPLE_CORPUS.with_name("questions.jsonl")
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+
+# The dedupe shuffle's partitions: one per this much input, at most Ray Data's default count.
+_SHUFFLE_BYTES = 128 << 20
+_MAX_SHUFFLE_PARTITIONS = 200
+
+# Rows per batch when a Parquet input file is read.
+_PARQUET_BATCH_ROWS = 4096
 
 # How much of the first file is looked at before any engine starts.
 _PEEK_RECORDS = 200
@@ -48,6 +60,19 @@ def input_schema(columns: Mapping[str, ColumnKind]) -> pa.Schema:
 
 def list_input_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The corpus files under ``path``, sorted, so that every run reads them in one order."""
+    fs, infos = _input_files(path)
+    return fs, [i.path for i in infos]
+
+
+def input_listing(path: str) -> list[dict[str, Any]]:
+    """The corpus files with their sizes and modification times: what identifies an input
+    without reading it (a rerun refuses to resume over an input that changed)."""
+    _, infos = _input_files(path)
+    return [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns} for i in infos]
+
+
+def _input_files(path: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """The corpus files under ``path`` as one listing returned them (sizes and times too)."""
     fs, root = filesystem(path)
     try:
         info = fs.get_file_info(root)
@@ -55,34 +80,28 @@ def list_input_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
             where = f" (in {store_of(fs)})" if isinstance(fs, pafs.S3FileSystem) else ""
             raise InputError(f"input {path!r} does not exist{where}")
         if info.type == pafs.FileType.File:
-            files = [root]
+            infos = [info]
         else:
             selector = pafs.FileSelector(root, recursive=True)
-            files = sorted(
-                i.path
-                for i in fs.get_file_info(selector)
-                if i.type == pafs.FileType.File
-                and i.path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
+            infos = sorted(
+                (
+                    i
+                    for i in fs.get_file_info(selector)
+                    if i.type == pafs.FileType.File
+                    and i.path.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
+                ),
+                key=lambda i: i.path,
             )
-            if not files:
+            if not infos:
                 raise InputError(
                     f"input directory {path!r} holds no .jsonl, .json or .parquet file"
                 )
     except OSError as e:  # an endpoint that refuses, keys refused, a directory not readable
         raise InputError(f"input {path!r} cannot be read: {storage_problem(e, fs)}") from e
-    kinds = {f.endswith(PARQUET_SUFFIXES) for f in files}
+    kinds = {i.path.endswith(PARQUET_SUFFIXES) for i in infos}
     if len(kinds) > 1:
         raise InputError(f"input {path!r} mixes Parquet and JSON files; use one format")
-    return fs, files
-
-
-def input_listing(path: str) -> list[dict[str, Any]]:
-    """The corpus files with their sizes and modification times: what identifies an input
-    without reading it (a rerun refuses to resume over an input that changed)."""
-    fs, files = list_input_files(path)
-    return [
-        {"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns} for i in fs.get_file_info(files)
-    ]
+    return fs, infos
 
 
 def check_input(path: str, columns: Mapping[str, ColumnKind], id_key: str) -> None:
@@ -178,20 +197,40 @@ def read_documents(
     line).
     """
     check_input(path, columns, id_key)
-    fs, files = list_input_files(path)
+    fs, infos = _input_files(path)
+    files = [i.path for i in infos]
     schema = input_schema(columns)
     id_from = id_from or next(n for n, k in columns.items() if k == "text")
     normalize = _Normalizer(columns, id_key, id_from, schema)
     if files[0].endswith(PARQUET_SUFFIXES):
-        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
-        ds = ds.map_batches(normalize.parquet_batch, batch_format="pyarrow")
+        # A task per file that numbers its rows, as lines are numbered in a JSON file: a
+        # reject then says where it is, and the first of two rows with one id is well defined.
+        paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        ds = paths.map_batches(
+            functools.partial(normalize.parquet_files, fs=fs), batch_size=1, batch_format="pyarrow"
+        )
     else:
         ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
         # One file per call: its lines are numbered within it.
         ds = ds.map_batches(normalize.json_files, batch_size=1, batch_format="pyarrow")
-    if limit is not None:
-        ds = ds.limit(limit)
-    return ds.groupby(ID).map_groups(_reject_repeated_ids, batch_format="pyarrow")
+    if limit is not None:  # materialized: the two reads below must see the same rows
+        ds = ds.limit(limit).materialize()
+    # Only ids and positions travel in the shuffle that finds repeated ids; the documents'
+    # texts stay where they are read, and are read a second time instead. A shuffle partition
+    # per _SHUFFLE_BYTES of input (Ray's default is 200 whatever the size).
+    partitions = min(_MAX_SHUFFLE_PARTITIONS, 1 + sum(i.size or 0 for i in infos) // _SHUFFLE_BYTES)
+    firsts = (
+        ds.map_batches(_id_and_position, batch_format="pyarrow")
+        .groupby(ID, num_partitions=partitions)
+        .aggregate(Count(alias_name="n"), Min(_POSITION, alias_name=_POSITION))
+        .filter(expr=col("n") > 1)
+    )
+    repeated = [t for t in ray.get(firsts.to_arrow_refs()) if t.num_rows]  # one row per id
+    if not repeated:
+        return ds
+    first_seen = pa.concat_tables(repeated).select([ID, _POSITION]).combine_chunks()
+    mark = functools.partial(_reject_repeated_ids, first_seen=first_seen)
+    return ds.map_batches(mark, batch_format="pyarrow")
 
 
 class _Normalizer:
@@ -222,10 +261,19 @@ class _Normalizer:
                     rows.append(self.reject(error, path, line))
         return table(rows, self.schema)
 
-    def parquet_batch(self, batch: pa.Table) -> pa.Table:
-        records = batch.to_pylist()
-        rows = [self.row(r, r.get("path"), None) for r in records]
-        return table(rows, self.schema)
+    def parquet_files(self, batch: pa.Table, fs: pafs.FileSystem) -> Iterator[pa.Table]:
+        """The rows of the one Parquet file ``batch`` names, numbered from 1, in batches."""
+        (path,) = batch["path"].to_pylist()
+        parquet = pq.ParquetFile(path, filesystem=fs)
+        wanted = {*self.columns, self.id_key}
+        columns = [name for name in parquet.schema_arrow.names if name in wanted]
+        line = 0
+        for records in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            rows = []
+            for record in records.to_pylist():
+                line += 1
+                rows.append(self.row(record, path, line))
+            yield table(rows, self.schema)
 
     def reject(self, reason: str, source: str | None, line: int | None) -> dict[str, Any]:
         return {
@@ -319,19 +367,37 @@ def _parse_json_bytes(
             yield None, f"invalid JSON: {e.msg} at column {e.colno}"
 
 
-def _reject_repeated_ids(group: pa.Table) -> pa.Table:
-    """Within one id, keep the first good row by (source, line); reject the later ones."""
-    if group.num_rows < 2 or group[ID][0].as_py() is None:
-        return group
-    rows = group.to_pylist()
-    rows.sort(key=lambda r: (r[SOURCE] or "", r[LINE] or 0))
-    first = None
-    for row in rows:
-        if row[REJECT_REASON] is not None:
-            continue
-        if first is None:
-            first = row
-        else:
-            where = f"{first[SOURCE]}:{first[LINE]}" if first[LINE] else first[SOURCE]
-            row[REJECT_REASON] = f"duplicate id {row[ID]!r} (first seen at {where})"
-    return table(rows, group.schema)
+# A row's place in the input as one string that sorts in input order: file, then line.
+_POSITION = "_position"
+_LINE_DIGITS = 12
+
+
+def _position(batch: pa.Table) -> pa.Array:
+    line = pc.utf8_lpad(pc.cast(pc.fill_null(batch[LINE], 0), pa.string()), _LINE_DIGITS, "0")
+    return pc.binary_join_element_wise(pc.fill_null(batch[SOURCE], ""), line, "\x1f")
+
+
+def _id_and_position(batch: pa.Table) -> pa.Table:
+    """The id and position of each good row (a rejected row repeats nothing)."""
+    good = batch.filter(pc.and_(pc.is_null(batch[REJECT_REASON]), pc.is_valid(batch[ID])))
+    return pa.table({ID: good[ID], _POSITION: _position(good)})
+
+
+def _reject_repeated_ids(batch: pa.Table, first_seen: pa.Table) -> pa.Table:
+    """Rejects every good row whose id ``first_seen`` (one row per repeated id: its id and
+    first position) lists at an earlier position than the row's own."""
+    first = pc.take(first_seen[_POSITION], pc.index_in(batch[ID], value_set=first_seen[ID]))
+    repeat = pc.and_(
+        pc.and_(pc.is_null(batch[REJECT_REASON]), pc.is_valid(first)),
+        pc.not_equal(first, _position(batch)),
+    )
+    indices = pc.indices_nonzero(pc.fill_null(repeat, False)).to_pylist()
+    if not indices:
+        return batch
+    reasons, ids = batch[REJECT_REASON].to_pylist(), batch[ID].to_pylist()
+    for i in indices:
+        source, line = first[i].as_py().rsplit("\x1f", 1)
+        where = f"{source}:{int(line)}" if int(line) else source
+        reasons[i] = f"duplicate id {ids[i]!r} (first seen at {where})"
+    column = batch.schema.get_field_index(REJECT_REASON)
+    return batch.set_column(column, REJECT_REASON, pa.array(reasons, pa.string()))

@@ -1,4 +1,4 @@
-"""Shard commits and the settings a rerun must match, on real files (no Ray needed)."""
+"""Shard commits, ingest's cut into shards and the settings a rerun must match, on real files."""
 
 import json
 
@@ -98,3 +98,24 @@ def test_stage_settings_leave_out_what_only_changes_speed():
     hotter = RunConfig.model_validate({**base, "seed": 1})
     assert stage_settings(hotter, "doc2query") != stage_settings(slow, "doc2query")
     assert stage_settings(hotter, "bm25") == stage_settings(slow, "bm25")
+
+
+def test_ingest_is_cut_into_shards_of_shard_rows_rows_kept_or_rejected(ray_local, tmp_path):
+    import ray.data
+
+    reasons = [None if i % 7 else "bad" for i in range(250)]
+    rows = [{"id": str(i), "text": f"t{i}", "reject_reason": r} for i, r in enumerate(reasons)]
+    ckpt = Checkpoints(pafs.LocalFileSystem(), str(tmp_path))
+    shards = ckpt.write_ingest(ray.data.from_items(rows, override_num_blocks=3), 100)
+    assert [s.rows for _, s in sorted(shards.items())] == [100, 100, 50]
+    assert sum(s.rejected for s in shards.values()) == reasons.count("bad")
+    ingest = ckpt.pass_of("ingest")
+    assert ingest.committed() == shards  # the pass's record, as a rerun reads it
+    seen = []
+    for k, shard in shards.items():
+        for name in shard.files:
+            part = pq.read_table(f"{ingest.path}/{name}")
+            assert set(part["shard"].to_pylist()) == {k}
+            seen += part["id"].to_pylist()
+    assert sorted(seen) == sorted(r["id"] for r in rows)  # every row once
+    assert not (tmp_path / "ingest" / "_rows").exists()

@@ -86,7 +86,10 @@ def test_json_array_and_parquet_inputs(ray_local, tmp_path):
     )
     rows = read_documents(str(tmp_path / "d.parquet"), TEXT).take_all()
     assert len(rows) == 6
-    assert sum(r["reject_reason"] is not None for r in rows) == 1
+    # Parquet rows are numbered like JSON lines: the later of the two "0"s is the reject.
+    (bad,) = [r for r in rows if r["reject_reason"] is not None]
+    assert (bad["line"], bad["text"]) == (6, "dup")
+    assert bad["reject_reason"].endswith("d.parquet:1)")
 
 
 def test_integer_ids_become_strings_and_limit_applies(ray_local, tmp_path):
@@ -163,3 +166,14 @@ def test_a_carried_column_no_record_has_is_an_error_before_reading(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "text": "x"}])
     with pytest.raises(InputError, match=r"no 'source_id' field"):
         check_input(str(path), {"text": "text", "source_id": "carried"}, "id")
+
+
+def test_repeated_ids_across_files_keep_the_first_by_file_and_line(ray_local, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "text": "one"}, {"id": "y", "text": "two"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"id": "y", "text": "3"}, {"id": "x", "text": "4"}])
+    rows = read_documents(str(tmp_path), TEXT).take_all()
+    kept = sorted((r["id"], r["text"]) for r in rows if r["reject_reason"] is None)
+    assert kept == [("x", "one"), ("y", "two")]
+    reasons = sorted(r["reject_reason"] for r in rows if r["reject_reason"] is not None)
+    assert [r.split(" (")[0] for r in reasons] == ["duplicate id 'x'", "duplicate id 'y'"]
+    assert all(f"{tmp_path}/a.jsonl:" in r for r in reasons)
