@@ -18,6 +18,7 @@ import functools
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,6 +186,11 @@ def run_operators(
             ckpt.write_ingest(documents, config.checkpoint.shard_rows)
             ckpt.record_settings(INGEST, settings[INGEST])
         timings[INGEST] = time.perf_counter() - t
+        context.corpus_key = fingerprint(
+            {str(k): asdict(v) for k, v in ingest.committed().items()}
+            if corpus is None
+            else input_listing(corpus)
+        )
 
         # Every stage with work left sets up before the first one runs, so background work
         # (BM25's index) overlaps the stages before it and bad settings stop the run early.

@@ -138,7 +138,11 @@ def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
     _wait(proc, lambda: (out / "_stages/ingest/_SUCCESS").exists(), "ingest", log)
     total = _shards(out)
     assert total == -(-(N_DOCS + 2) // SHARD_ROWS)  # rows as read, rejects too, cut by count
-    _wait(proc, lambda: _committed(out, "doc2query") >= 1, "a doc2query shard", log)
+    # The BM25 index is built from ingest's rows while Doc2Query runs (in seconds, for 14 rows).
+    index_built = lambda: any((out / "_stages/bm25/files").glob("built-*.json"))  # noqa: E731
+    _wait(
+        proc, lambda: _committed(out, "doc2query") >= 1 and index_built(), "a doc2query shard", log
+    )
     _kill_driver(proc)
     after_first = _committed(out, "doc2query")
     assert 1 <= after_first < total, "the kill was meant to land mid-Doc2Query"
@@ -160,6 +164,9 @@ def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
     _kill_driver(proc)
     resumed = f"in {total - after_first} shards, {after_first} shards committed before"
     assert resumed in log.read_text()
+    # BM25 had not run, and its index is not built again.
+    assert "BM25 index: using the one built before" in log.read_text()
+    assert "building the BM25 index" not in log.read_text()
     after_second = _committed(out, "distill")
     assert 1 <= after_second < total, "the kill was meant to land mid-ReasonDistill"
 

@@ -106,6 +106,7 @@ class LuceneIndexHolder:
         chunk_bytes: int,
         share_uri: str | None = None,
         group_column: str | None = None,
+        build_key: str | None = None,
     ) -> IndexHandle:
         start = time.perf_counter()
         index_dir = self.workdir / "index"
@@ -138,7 +139,7 @@ class LuceneIndexHolder:
             params=params,
         )
         if share_uri:
-            handle = replace(handle, uri=_share(archive, handle, share_uri))
+            handle = replace(handle, uri=_share(archive, handle, share_uri, build_key))
         else:
             handle = replace(handle, chunks=list(_put_chunks(archive, chunk_bytes)))
         archive.unlink()
@@ -151,8 +152,9 @@ def _put_chunks(archive: Path, chunk_bytes: int) -> Iterator[ray.ObjectRef[bytes
             yield ray.put(piece)
 
 
-def _share(archive: Path, handle: IndexHandle, share_uri: str) -> str:
-    """Copy the tar and its metadata to shared storage; returns the tar's URI."""
+def _share(archive: Path, handle: IndexHandle, share_uri: str, build_key: str | None = None) -> str:
+    """Copy the tar and its metadata to shared storage; returns the tar's URI. With
+    ``build_key``, a record under that key then names the tar (``built_index`` reads it)."""
     fs, root = filesystem(share_uri)
     fs.create_dir(root, recursive=True)
     tar_path = f"{root.rstrip('/')}/{handle.fingerprint}.tar"
@@ -161,9 +163,35 @@ def _share(archive: Path, handle: IndexHandle, share_uri: str) -> str:
     # The metadata last: its presence says the tar beside it is complete.
     with fs.open_output_stream(f"{root.rstrip('/')}/{handle.fingerprint}.json") as f:
         f.write(json.dumps(handle.metadata(), indent=2).encode())
-    if "://" in share_uri:
-        return f"{share_uri.rstrip('/')}/{handle.fingerprint}.tar"
-    return tar_path  # absolute, so that every node finds it
+    uri = f"{share_uri.rstrip('/')}/{handle.fingerprint}.tar" if "://" in share_uri else tar_path
+    if build_key:  # last of all: it says the tar and its metadata are complete
+        with fs.open_output_stream(_built_record(root, build_key)) as f:
+            f.write(json.dumps({"index": uri}).encode())
+    return uri  # a local path is absolute, so that every node finds it
+
+
+def _built_record(root: str, build_key: str) -> str:
+    return f"{root.rstrip('/')}/built-{build_key}.json"
+
+
+def build_key(corpus_key: str, text_column: str, group_column: str | None, k1: float,
+              b: float) -> str:  # fmt: skip
+    """What names an index before it is built: the corpus (as ``StageContext.corpus_key``
+    identifies it), the indexed columns and the index parameters."""
+    params = {"corpus": corpus_key, "text": text_column, "group": group_column,
+              **index_params(k1, b)}  # fmt: skip
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def built_index(share_uri: str, key: str) -> IndexHandle | None:
+    """The index built earlier under ``key`` in ``share_uri`` (by a run that then died), or
+    None when there is none, or it is incomplete."""
+    fs, root = filesystem(share_uri)
+    try:
+        with fs.open_input_stream(_built_record(root, key)) as f:
+            return prebuilt_index(json.loads(f.read())["index"])
+    except (OSError, FileNotFoundError, KeyError, ValueError):
+        return None
 
 
 def prebuilt_index(uri: str) -> IndexHandle:
@@ -199,12 +227,13 @@ class IndexBuild:
         heap: str | None = None,
         share_uri: str | None = None,
         group_column: str | None = None,
+        build_key: str | None = None,
     ) -> IndexBuild:
         holder = LuceneIndexHolder.options(num_cpus=1).remote(heap=heap)  # type: ignore[attr-defined]
         columns = [ID, text_column, *([group_column] if group_column else [])]
         ref = holder.build.remote(
             corpus.select_columns(columns), text_column, k1, b, chunk_bytes, share_uri,
-            group_column,
+            group_column, build_key,
         )  # fmt: skip
         return cls(holder, ref)
 

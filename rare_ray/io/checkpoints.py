@@ -9,7 +9,9 @@ Layout of ``DIR/_stages/``::
     <stage>/shard-00007/part-<hash>.parquet rows of shard 7, kept and rejected
     <stage>/shard-00007/_SUCCESS            the shard's files and counts, written last
     <stage>/attempt-2/shard-00007/...       a re-ask pass over the rows that failed before
-    <stage>/_SUCCESS                        every shard of the pass, with its counts
+    <stage>/_SUCCESS                        every shard of the pass, with its counts (a
+                                            shard with no rows in the pass has no record
+                                            of its own: only this one lists it)
 
 Shards are cut once, at ingest, by row count: ``shard_rows`` rows of the corpus as read (kept
 or rejected) make a shard, and a row keeps its shard number (column ``shard``) through every
@@ -27,7 +29,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -174,35 +176,36 @@ class Pass:
         return {int(k): Shard(**v) for k, v in record["shards"].items()}
 
     def committed(self) -> dict[int, Shard]:
-        """The shards whose files are all written, by shard number."""
+        """The shards whose files are all written, by shard number: the pass's record when it
+        is complete, else one listing and the shards' own records, read in parallel."""
         done = read_json(self.fs, f"{self.path}/{SUCCESS}")
         if done is not None:
             return self._shards_from(done)
-        shards: dict[int, Shard] = {}
-        for info in self._shard_dirs():
-            record = read_json(self.fs, f"{info.path}/{SUCCESS}")
-            if record is not None:
-                shards[int(info.base_name.removeprefix("shard-"))] = Shard(**record)
-        return shards
+        records = self._shard_records()
+        return {k: Shard(**r) for k, r in records.items() if r is not None}
 
     def complete(self) -> bool:
         info = self.fs.get_file_info(f"{self.path}/{SUCCESS}")
         return cast(bool, info.type == pafs.FileType.File)
 
-    def _shard_dirs(self) -> Iterator[pafs.FileInfo]:
+    def _shard_records(self) -> dict[int, Any]:
+        """Each shard directory's ``_SUCCESS`` record (None where it has none yet)."""
         listing = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        for info in listing:
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("shard-"):
-                yield info
+        shards = {
+            int(i.base_name.removeprefix("shard-")): i.path
+            for i in listing
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("shard-")
+        }
+        with ThreadPoolExecutor(max_workers=_PARALLEL_READS) as pool:
+            records = pool.map(lambda d: read_json(self.fs, f"{d}/{SUCCESS}"), shards.values())
+            return dict(zip(shards, records, strict=True))
 
     def clear_uncommitted(self) -> int:
         """Deletes the directories of shards that were never committed; returns how many."""
-        cleared = 0
-        for info in self._shard_dirs():
-            if self.fs.get_file_info(f"{info.path}/{SUCCESS}").type != pafs.FileType.File:
-                self.fs.delete_dir(info.path)
-                cleared += 1
-        return cleared
+        uncommitted = [k for k, r in self._shard_records().items() if r is None]
+        for k in uncommitted:
+            self.fs.delete_dir(f"{self.path}/{shard_dir(k)}")
+        return len(uncommitted)
 
     def commit_shard(self, shard: int, record: Shard) -> None:
         directory = f"{self.path}/{shard_dir(shard)}"
@@ -230,9 +233,9 @@ class ShardCommitter:
         self.expected = dict(expected)
         self.written: dict[int, Shard] = {k: Shard() for k in expected}
         self.committed: set[int] = set()
-        for k, n in self.expected.items():
-            if n == 0:
-                self._commit(k)
+        # A shard with no rows here (a re-ask pass's shard that had no failures) costs no
+        # request: the pass's record lists it when the pass is committed.
+        self.committed = {k for k, n in self.expected.items() if n == 0}
 
     def add(self, parts: pa.Table) -> None:
         for shard, name, kept, rejected, counters in zip(
@@ -368,7 +371,7 @@ class Checkpoints:
         ds.write_parquet(staging, filesystem=self.fs)
         listing = self.fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
         files = sorted(i.path for i in listing if i.base_name.endswith(".parquet"))
-        with ThreadPoolExecutor(max_workers=16) as pool:
+        with ThreadPoolExecutor(max_workers=_PARALLEL_READS) as pool:
             sizes = list(
                 pool.map(lambda f: pq.read_metadata(f, filesystem=self.fs).num_rows, files)
             )
@@ -398,6 +401,9 @@ class Checkpoints:
             self.fs.delete_dir(staging)
         return committer.written
 
+
+# Requests in flight when a rerun reads the records of a pass's committed shards.
+_PARALLEL_READS = 16
 
 # Where ingest's rows land before they are cut into shards (a name no reader takes for a shard).
 _STAGING = "_rows"

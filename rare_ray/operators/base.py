@@ -86,6 +86,10 @@ class StageContext:
     # The run's checkpoint tree (``<output>/_stages``): storage that every node reads and
     # writes, and that no node's loss takes away. None for an in-memory run.
     stages_root: str | None = None
+    # What identifies the corpus before it is read (a digest of ingest's commit record, or
+    # of a separate corpus's listing), so that work derived from it can be found again by a
+    # rerun. Set by the pipeline once ingest is done; None for an in-memory run.
+    corpus_key: str | None = None
 
     def stage_files(self, stage: str) -> str | None:
         """A directory for ``stage``'s own files on durable shared storage, or None."""

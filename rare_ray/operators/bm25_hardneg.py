@@ -25,7 +25,14 @@ import ray
 import ray.data
 
 from rare_ray.config import SHINGLE_WORDS, BM25Config, output_settings
-from rare_ray.engines.index_broadcast import IndexBuild, IndexHandle, local_index, prebuilt_index
+from rare_ray.engines.index_broadcast import (
+    IndexBuild,
+    IndexHandle,
+    build_key,
+    built_index,
+    local_index,
+    prebuilt_index,
+)
 from rare_ray.engines.lucene import Hit, LuceneSearcher
 from rare_ray.operators.base import Operator, Resources, StageContext
 from rare_ray.operators.ngrams import Grams, TextPrint, compare, text_print
@@ -344,6 +351,15 @@ class BM25HardNeg(Operator):
         # names a place: chunks in the object store die with their holder's node, and a
         # searcher started after that loss (on any node) could then never get the index.
         share_uri = cfg.share_uri or context.stage_files(self.name)
+        key = None
+        if share_uri and context.corpus_key:
+            # A run that died after building the index (BM25 not finished) left it here.
+            key = build_key(context.corpus_key, cfg.input_text_key, cfg.group_key, cfg.k1, cfg.b)
+            found = built_index(share_uri, key)
+            if found is not None:
+                context.log(f"BM25 index: using the one built before for this corpus ({found.uri})")
+                self._build = IndexBuild.of(found)
+                return
         context.log(
             "building the BM25 index in the background"
             + (f", for the searchers in {share_uri}" if share_uri else "")
@@ -351,6 +367,7 @@ class BM25HardNeg(Operator):
         self._build = IndexBuild.start(
             context.corpus(), cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
             heap=cfg.heap_per_searcher or "2g", share_uri=share_uri, group_column=cfg.group_key,
+            build_key=key,
         )  # fmt: skip
 
     def use_index(self, index: IndexHandle) -> None:

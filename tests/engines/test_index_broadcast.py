@@ -6,7 +6,14 @@ import threading
 import pytest
 import ray
 
-from rare_ray.engines.index_broadcast import UNPACK_LOG, IndexBuild, local_index, prebuilt_index
+from rare_ray.engines.index_broadcast import (
+    UNPACK_LOG,
+    IndexBuild,
+    build_key,
+    built_index,
+    local_index,
+    prebuilt_index,
+)
 from rare_ray.engines.lucene import LuceneSearcher
 from tests.helpers import sample_rows
 
@@ -64,7 +71,11 @@ def test_a_partial_unpack_is_redone(built, tmp_path):
 def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built):
     shared = tmp_path / "shared"
     corpus = ray.data.from_items(sample_rows(200))
-    handle = IndexBuild.start(corpus, "text", 0.9, 0.4, 64 << 10, share_uri=str(shared)).result()
+    key = build_key("corpus-digest", "text", None, 0.9, 0.4)
+    assert built_index(str(shared), key) is None  # nothing built yet
+    handle = IndexBuild.start(
+        corpus, "text", 0.9, 0.4, 64 << 10, share_uri=str(shared), build_key=key
+    ).result()
     assert handle.fingerprint == built.fingerprint  # same corpus, same parameters
     assert handle.chunks == [] and handle.uri == str(shared / f"{handle.fingerprint}.tar")
     assert (shared / f"{handle.fingerprint}.json").is_file()
@@ -75,6 +86,12 @@ def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built):
     assert LuceneSearcher(path).num_docs == 200
     with pytest.raises(FileNotFoundError, match="no metadata"):
         prebuilt_index(str(shared / "missing.tar"))
+    # A rerun finds it by the key known before building; another corpus or k1 does not.
+    assert built_index(str(shared), key).fingerprint == handle.fingerprint
+    assert built_index(str(shared), build_key("other", "text", None, 0.9, 0.4)) is None
+    assert built_index(str(shared), build_key("corpus-digest", "text", None, 1.2, 0.4)) is None
+    (shared / f"{handle.fingerprint}.json").unlink()  # an incomplete index is not reused
+    assert built_index(str(shared), key) is None
 
 
 def test_node_id_in_local_dir_gives_each_node_its_own_directory(ray_local, built, tmp_path):

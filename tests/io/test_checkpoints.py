@@ -53,11 +53,15 @@ def test_a_shard_commits_when_its_last_row_is_written_and_never_twice(tmp_path):
     assert committer.committed == {2} and committer.short() == {0: 1, 1: 1}
     committer.add(write_parts(_rows(["c"], 0, ["why"]), step.path, fs))
     assert committer.committed == {0, 2}
-    assert set(step.committed()) == {0, 2}
+    # The empty shard cost no request: only the pass's own record will list it.
+    assert set(step.committed()) == {0} and not (tmp_path / "stage" / "shard-00002").exists()
     record = json.loads((tmp_path / "stage" / "shard-00000" / "_SUCCESS").read_text())
     assert (record["kept"], record["rejected"], len(record["files"])) == (2, 1, 2)
     with pytest.raises(ResumeError, match="written twice"):
         committer.add(write_parts(_rows(["d"], 0), step.path, fs))
+    committer.add(write_parts(_rows(["e"], 1), step.path, fs))
+    step.commit(committer.written)
+    assert set(step.committed()) == {0, 1, 2} and step.committed()[2].rows == 0
 
 
 def test_uncommitted_shards_are_cleared_and_committed_ones_kept(tmp_path):
