@@ -381,6 +381,13 @@ class BM25Config(_Section):
     threads_per_searcher: Annotated[int, MAY_CHANGE] = Field(
         1, ge=1, description="Lucene search threads per actor."
     )
+    index_threads: Annotated[int, MAY_CHANGE] = Field(
+        1,
+        ge=1,
+        description="CPUs the index builder reserves, and the Lucene indexing threads it runs "
+        "on them. The index is the same whatever the count (Anserini breaks ties in a search "
+        "by document id, not by the order documents were indexed in).",
+    )
     cpus_per_searcher: Annotated[float, MAY_CHANGE] = Field(
         1, gt=0, description="Ray CPUs reserved per searcher."
     )

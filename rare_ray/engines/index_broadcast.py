@@ -228,8 +228,13 @@ class IndexBuild:
         share_uri: str | None = None,
         group_column: str | None = None,
         build_key: str | None = None,
+        threads: int = 1,
     ) -> IndexBuild:
-        holder = LuceneIndexHolder.options(num_cpus=1).remote(heap=heap)  # type: ignore[attr-defined]
+        """Starts the build in a holder actor that reserves ``threads`` CPUs and indexes on
+        as many Lucene threads."""
+        holder = LuceneIndexHolder.options(num_cpus=threads).remote(  # type: ignore[attr-defined]
+            heap=heap, threads=threads
+        )
         columns = [ID, text_column, *([group_column] if group_column else [])]
         ref = holder.build.remote(
             corpus.select_columns(columns), text_column, k1, b, chunk_bytes, share_uri,

@@ -367,7 +367,7 @@ class BM25HardNeg(Operator):
         self._build = IndexBuild.start(
             context.corpus(), cfg.input_text_key, cfg.k1, cfg.b, cfg.chunk_bytes,
             heap=cfg.heap_per_searcher or "2g", share_uri=share_uri, group_column=cfg.group_key,
-            build_key=key,
+            build_key=key, threads=cfg.index_threads,
         )  # fmt: skip
 
     def use_index(self, index: IndexHandle) -> None:

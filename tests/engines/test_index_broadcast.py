@@ -15,7 +15,7 @@ from rare_ray.engines.index_broadcast import (
     prebuilt_index,
 )
 from rare_ray.engines.lucene import LuceneSearcher
-from tests.helpers import sample_rows
+from tests.helpers import sample_questions, sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,17 @@ def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built):
 def test_node_id_in_local_dir_gives_each_node_its_own_directory(ray_local, built, tmp_path):
     path = local_index(built, str(tmp_path) + "/{node_id}")
     assert path.parent.name == ray.get_runtime_context().get_node_id()
+
+
+def test_more_indexing_threads_give_the_same_index_and_the_same_hits(ray_local, built, tmp_path):
+    corpus = ray.data.from_items(sample_rows(200))
+    threaded = IndexBuild.start(corpus, "text", 0.9, 0.4, 64 << 10, threads=2).result()
+    assert threaded.fingerprint == built.fingerprint
+    one = LuceneSearcher(local_index(built, tmp_path / "one"))
+    two = LuceneSearcher(local_index(threaded, tmp_path / "two"))
+    # Short, common queries: many documents tie, and ties must not follow indexing order.
+    queries = [q["question"] for q in sample_questions()[:50]] + ["patients", "the cells"]
+    for a, b in zip(one.search(queries, 50), two.search(queries, 50), strict=True):
+        assert [(h.docid, round(h.score, 4)) for h in a] == [
+            (h.docid, round(h.score, 4)) for h in b
+        ]
