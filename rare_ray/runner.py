@@ -45,23 +45,18 @@ class Source:
 
     def expected(self) -> dict[int, int]:
         """Rows per shard this source holds (from the commit records, not the files)."""
-        totals: dict[int, int] = {}
-        for p in self.passes:
-            for k, shard in p.committed().items():
-                totals[k] = totals.get(k, 0) + (
-                    shard.kept if self.rows == "kept" else shard.rejected
-                )
-        return totals
+        return {k: rows for k, (_, rows) in self._shards().items()}
 
-    def _files(self, shards: Iterable[int]) -> dict[int, list[str]]:
-        """The committed files of each of ``shards``, by shard number."""
-        wanted = set(shards)
-        files: dict[int, list[str]] = {}
+    def _shards(self) -> dict[int, tuple[list[str], int]]:
+        """Each committed shard's files (in every pass) and the rows it holds for this source,
+        from the commit records, each read once."""
+        shards: dict[int, tuple[list[str], int]] = {}
         for p in self.passes:
             for k, shard in p.committed().items():
-                if k in wanted:
-                    files.setdefault(k, []).extend(f"{p.path}/{name}" for name in shard.files)
-        return files
+                files, rows = shards.get(k, ([], 0))
+                files.extend(f"{p.path}/{name}" for name in shard.files)
+                shards[k] = (files, rows + (shard.kept if self.rows == "kept" else shard.rejected))
+        return shards
 
     def read(self, shards: Iterable[int]) -> ray.data.Dataset:
         """The rows of ``shards``, read by Ray tasks of consecutive shards, about
@@ -74,15 +69,16 @@ class Source:
         its input lives on the driver's node. Tasks of a few thousand rows, not one per shard:
         each task costs a scheduling round and a block, whatever its size.
         """
-        counts = self.expected()
+        committed, wanted = self._shards(), set(shards)
         tasks: list[list[str]] = [[]]
         rows = 0
-        for k, files in sorted(self._files(shards).items()):
-            if tasks[-1] and rows + counts.get(k, 0) > _READ_TASK_ROWS:
+        for k in sorted(wanted & committed.keys()):
+            files, n = committed[k]
+            if tasks[-1] and rows + n > _READ_TASK_ROWS:
                 tasks.append([])
                 rows = 0
             tasks[-1].extend(files)
-            rows += counts.get(k, 0)
+            rows += n
         items = [{"files": files} for files in tasks if files]
         read = functools.partial(_read_task, fs=self.passes[0].fs, rows=self.rows)
         return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
@@ -91,7 +87,7 @@ class Source:
 
     def read_local(self, shard: int) -> pa.Table:
         """The shard's rows, read here (a shard is small): to find rows a failed batch held."""
-        files = self._files([shard]).get(shard, [])
+        files, _ = self._shards().get(shard, ([], 0))
         return _read_files(files, self.passes[0].fs, self.rows)
 
 

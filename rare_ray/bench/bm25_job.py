@@ -113,8 +113,8 @@ def _plain_main(input_path: str, output: str, threads: str, depth: str, num_neg:
 
 
 def main(config: str, inputs: list[str], baseline_tree: str | None = None) -> list[JobRow]:
-    """Each input through rare-ray's command (and the baseline tree's, if given), then
-    through plain pyserini, back to back."""
+    """Each input through plain pyserini, then through rare-ray's command (the baseline
+    tree's first, if given), back to back."""
     out = []
     print(HEADER, flush=True)
     for input_path in inputs:

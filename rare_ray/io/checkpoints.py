@@ -17,9 +17,9 @@ Shards are cut once, at ingest, by row count: ``shard_rows`` rows of the corpus 
 or rejected) make a shard, and a row keeps its shard number (column ``shard``) through every
 stage. Each stage streams its rows into part files named by a hash of the ids they hold, and
 the driver commits a shard as soon as all the rows it expects have been written (on a local
-disk, the files are fsync'ed first). Only the files a shard's ``_SUCCESS`` lists are ever read, so a part
-left by a killed run, or by a task that Ray retried, is never read twice; a rerun clears the
-shards that were not committed and redoes just those.
+disk, the files are fsync'ed first). Only the files a shard's ``_SUCCESS`` lists are ever
+read, so a part left by a killed run, or by a task that Ray retried, is never read twice; a
+rerun clears the shards that were not committed and redoes just those.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from rare_ray.rows import ID, REJECT_REASON, SHARD, counter_columns
 from rare_ray.vocabulary import INGEST, ResumeError
 
 SUCCESS = "_SUCCESS"
+# Requests in flight when the driver reads many small objects (shard records, file footers).
+_PARALLEL_READS = 16
 SETTINGS = "_SETTINGS.json"
 
 
@@ -401,9 +403,6 @@ class Checkpoints:
             self.fs.delete_dir(staging)
         return committer.written
 
-
-# Requests in flight when a rerun reads the records of a pass's committed shards.
-_PARALLEL_READS = 16
 
 # Where ingest's rows land before they are cut into shards (a name no reader takes for a shard).
 _STAGING = "_rows"
