@@ -142,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkout of another revision: every size also runs with its code, for a "
         "before/after table from one bench run",
     )
+    overhead = bench.add_parser(
+        "overhead",
+        help="the whole job on synthetic corpora with a zero-cost engine: the job's own cost",
+    )
+    overhead.add_argument(
+        "--config", default="configs/local-openai.yaml", help="stage, Ray and output settings"
+    )
+    overhead.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    overhead.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"])
+    overhead.add_argument("--work", default="/tmp/rare-ray/bench-overhead", help="corpora, runs")
+    overhead.add_argument(
+        "--s3-root",
+        help="s3://bucket/prefix of a store the AWS_* variables reach (default: a SeaweedFS "
+        "server started on loopback, whose counters give the S3 requests)",
+    )
+    overhead.add_argument("--json", help="also write the results to this JSON file")
     model = commands.add_parser("build-test-model", help="build the tiny random-weight model")
     model.add_argument("--output", default=TEST_MODEL_DIR)
     model.add_argument("--seed", type=int, default=0)
@@ -260,6 +276,12 @@ def _bench(args: argparse.Namespace) -> int:
         from rare_ray.bench import bm25_job
 
         bm25_job.main(args.config, args.job, args.baseline_tree)
+        return 0
+    if args.bench == "overhead":  # each run in a process of its own
+        from rare_ray.bench import overhead
+
+        config = RunConfig.from_yaml(args.config)
+        overhead.main(config, args.sizes, args.stores, args.work, args.s3_root, args.json)
         return 0
     if args.bench == "negatives":  # plain pyserini in this process: no Ray
         from rare_ray.bench import negatives

@@ -225,8 +225,12 @@ class OpenAIEngineConfig(_EngineSection):
     cpus_per_worker: Annotated[float, MAY_CHANGE] = Field(
         0.5, gt=0, description="Ray CPUs reserved per worker (prompt rendering, tokenizing)."
     )
+    # 256, not 64: each batch is a Ray Data block, and the driver's scheduling costs CPU per
+    # block. With a server that answers at once (rare-ray bench overhead, 30,000 rows) the
+    # driver took 9.4 % of the wall time at 64 and 5.9 % at 256; a worker keeps `concurrency`
+    # requests in flight either way.
     batch_size: Annotated[int, MAY_CHANGE] = Field(
-        64, gt=0, description="Rows per batch handed to one worker."
+        256, gt=0, description="Rows per batch handed to one worker."
     )
     timeout_s: Annotated[float, MAY_CHANGE] = Field(
         600, gt=0, description="Seconds one request may take in all."
@@ -594,6 +598,15 @@ class CheckpointConfig(_Section):
         description="Rows per shard, cut once at ingest (rows rejected there count too). "
         "Every stage writes and commits its output shard by shard; "
         "a run that dies loses at most the shards in flight, and a rerun redoes only those.",
+    )
+    # May change: it only sets how a stage's rows are grouped into files, not what they hold.
+    part_rows: Annotated[int, MAY_CHANGE] = Field(
+        1000,
+        gt=0,
+        description="Rows a checkpoint part file gathers before a Ray task writes it: a stage's "
+        "batches (64 rows an engine batch) are bundled up to this many, so that a shard is a few "
+        "files, not one per batch (each file costs requests on an object store). The rows "
+        "travel once through Ray's object store to their writer.",
     )
     max_failed_batches: Annotated[int, MAY_CHANGE] = Field(
         8,

@@ -144,6 +144,9 @@ def run_operators(
 ) -> dict[str, Any]:
     """``run`` with the stages given as operators, any ``Operator`` subclass among them."""
     started = started or datetime.now(UTC)
+    # CPU seconds of this process (all its threads: Ray's driver-side ones too), for the
+    # manifest: what the driver costs, which must stay small next to the run's wall time.
+    cpu_start = time.process_time()
     out = OutputDir(config.output)
     ckpt = out.checkpoints
     settings = _preflight(config, operators, corpus, out, fresh)
@@ -199,7 +202,14 @@ def run_operators(
         for op in operators:
             t = time.perf_counter()
             ckpt.record_settings(op.name, settings[op.name])
-            source = run_stage(ckpt, op, source, context, config.checkpoint.max_failed_batches)
+            source = run_stage(
+                ckpt,
+                op,
+                source,
+                context,
+                config.checkpoint.max_failed_batches,
+                config.checkpoint.part_rows,
+            )
             timings[op.name] = time.perf_counter() - t
         engines = _engine_report(context, started)
     finally:
@@ -215,6 +225,9 @@ def run_operators(
         _log(f"publish: publication {pub.id} is complete in {config.output}, nothing to write")
     timings["publish"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    counts = _reconcile(out, operators, pub)
+    timings["reconcile"] = time.perf_counter() - t
     manifest = {
         "rare_ray_version": versions()["rare-ray"],
         "started_at": started.isoformat(),
@@ -227,11 +240,17 @@ def run_operators(
         **{k: v for op in operators for k, v in op.manifest_entries().items()},
         "shards": len(shards),
         "engines": engines,
-        "counts": (counts := _reconcile(out, operators, pub)),
+        "counts": counts,
         "estimated_cost": estimated_cost(
             config.engine.model_dump()["price_per_million_tokens"], counts["stages"]
         ),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        # Of those, the driver's time writing commit records (each shard's, each pass's).
+        "commit_seconds": {
+            name: round(ckpt.commit_seconds(name), 3)
+            for name in (INGEST, *(op.name for op in operators))
+        },
+        "driver_cpu_seconds": round(time.process_time() - cpu_start, 3),
         "config": redact(config.model_dump(mode="json")),
         "publication": pub.to_json(),
     }

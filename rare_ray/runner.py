@@ -1,7 +1,7 @@
 """Runs a stage pass by pass, each over the shards it has not committed yet.
 
-The rows stream from the operator into part files (written by the Ray tasks that made them);
-the driver commits each shard as soon as all of its rows are on disk. When Ray gives up on a
+The rows stream from the operator into part files, bundled up to ``checkpoint.part_rows`` rows
+each and written by Ray tasks (not one file per engine batch); the driver commits each shard as soon as all of its rows are on disk. When Ray gives up on a
 batch (an engine or searcher that kept dying, past its restarts and retries), Ray Data drops it,
 up to ``checkpoint.max_failed_batches`` of them; the rows it held are then written to the shard
 as rejects with the error, so the stage goes on and no row is lost.
@@ -113,8 +113,10 @@ def run_stage(
     source: Source,
     context: StageContext,
     max_failed_batches: int,
+    part_rows: int | None = None,
 ) -> Source:
-    """Runs every pass of ``op`` that is not complete; returns where the next stage reads."""
+    """Runs every pass of ``op`` that is not complete; returns where the next stage reads.
+    ``part_rows``: see ``run_pass``."""
     start = time.perf_counter()
     for attempt in range(1, op.passes + 1):
         step = ckpt.pass_of(op.name, attempt)
@@ -124,7 +126,7 @@ def run_stage(
         else:
             context.log(f"{label}: starting ({op.resources.describe()})")
             process = functools.partial(op.run_pass, attempt=attempt, context=context)
-            done = run_pass(step, source, process, op, max_failed_batches)
+            done = run_pass(step, source, process, op, max_failed_batches, part_rows)
             failed = done["failed_rows"]
             context.log(
                 f"{label}: {done['rows']} rows in {done['run']} shards, "
@@ -146,8 +148,12 @@ def run_pass(
     process: Callable[[ray.data.Dataset], ray.data.Dataset],
     op: Operator,
     max_failed_batches: int,
+    part_rows: int | None = None,
 ) -> dict[str, int]:
     """Runs ``process`` over the shards ``step`` has not committed; commits the pass.
+
+    Rows are written in parts of about ``part_rows`` rows, bundled from the operator's
+    batches by Ray Data; None writes each batch as it comes, in the task that made it.
 
     Returns what it did: shards skipped (committed earlier) and run, the rows run, and the
     rows rejected because their batch failed.
@@ -162,7 +168,7 @@ def run_pass(
         written = process(source.read(todo)).map_batches(
             functools.partial(write_parts, directory=step.path, fs=step.fs),
             batch_format="pyarrow",
-            batch_size=None,
+            batch_size=part_rows,
         )
         written.context.max_errored_blocks = max_failed_batches
         with _failed_batches() as errors:

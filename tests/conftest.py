@@ -2,7 +2,7 @@
 and a real S3-compatible object store.
 
 The plain helpers they build on are in tests/helpers.py (the scripted chat-completions server
-in tests/scripted_server.py, the object store in tests/object_store.py); test modules import
+in tests/scripted_server.py, the object store in rare_ray/testing/object_store.py); test modules import
 those from there, not from here.
 """
 
@@ -18,9 +18,9 @@ import ray
 import yaml
 
 from rare_ray.config import RunConfig
+from rare_ray.testing.object_store import S3Server, running_s3_server
 from tests import scripted_server
 from tests.helpers import LOCAL_CONFIG, TEST_MODEL, local_config_in
-from tests.object_store import S3Server, running_s3_server
 
 
 @pytest.fixture(scope="session")

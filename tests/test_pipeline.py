@@ -334,7 +334,13 @@ def test_manifest_records_config_engine_versions_and_index(run: dict) -> None:
     )
     assert (files / f"{manifest['index']['fingerprint']}.json").is_file()
     assert manifest["config"]["bm25"]["num_neg"] == 3
-    assert set(manifest["timings_seconds"]) >= {"ingest", "doc2query", "bm25", "distill"}
+    stages = {"ingest", "doc2query", "bm25", "distill"}
+    assert set(manifest["timings_seconds"]) >= stages | {"publish", "reconcile"}
+    # The driver's commits are part of each stage's time; its CPU time is counted, not 0.
+    assert set(manifest["commit_seconds"]) >= stages
+    for stage in stages:
+        assert 0 < manifest["commit_seconds"][stage] <= manifest["timings_seconds"][stage]
+    assert manifest["driver_cpu_seconds"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

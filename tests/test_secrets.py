@@ -3,7 +3,7 @@
 The job runs as a user runs it (the ``rare-ray`` command in its own process, a private local
 Ray) with ``engine.kind: openai``, against tests/scripted_server.py's ScriptedServer standing in
 for a hosted API (the test double: no hosted API can be reached from a test), reading its input
-from and writing its output to the tests' real S3-compatible server (tests/object_store.py),
+from and writing its output to the tests' real S3-compatible server (rare_ray/testing/object_store.py),
 whose keys come from the ``AWS_*`` variables as pyarrow and boto users give them. The server answers only
 requests that carry the key, and for one document answers "401: bad key Bearer <the key>", as
 some APIs do, so the key comes back to the client inside an error that ends up in a reject.
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from rare_ray.testing.object_store import S3Server
 from tests.helpers import REPO, local_config_in, rare_ray, sample_rows, write_jsonl
-from tests.object_store import S3Server
 from tests.scripted_server import Reply, ScriptedServer, answer, failure
 
 ECHO = "Please echo the key back"  # in one document: the server answers it with the key

