@@ -605,8 +605,9 @@ class CheckpointConfig(_Section):
         gt=0,
         description="Rows a checkpoint part file gathers before a Ray task writes it: a stage's "
         "batches (64 rows an engine batch) are bundled up to this many, so that a shard is a few "
-        "files, not one per batch (each file costs requests on an object store). The rows "
-        "travel once through Ray's object store to their writer.",
+        "files, not one per batch (each file costs requests on an object store). At most "
+        "shard_rows are used (a bigger bundle would only hold back commits). The rows travel "
+        "once through Ray's object store to their writer.",
     )
     max_failed_batches: Annotated[int, MAY_CHANGE] = Field(
         8,

@@ -208,7 +208,9 @@ def run_operators(
                 source,
                 context,
                 config.checkpoint.max_failed_batches,
-                config.checkpoint.part_rows,
+                # No part needs more rows than a shard holds; bigger bundles only hold back
+                # the commits of the shards they would hold (a killed run would redo them).
+                min(config.checkpoint.part_rows, config.checkpoint.shard_rows),
             )
             timings[op.name] = time.perf_counter() - t
         engines = _engine_report(context, started)
