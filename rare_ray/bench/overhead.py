@@ -36,10 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +48,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from rare_ray.config import BM25Config, RunConfig
+from rare_ray.config import RunConfig
 from rare_ray.vocabulary import ALL_STAGES, INGEST
 
 STORES = ("local", "s3")
@@ -167,7 +167,6 @@ def bench_config(base: RunConfig, input_uri: str, output_uri: str, base_url: str
         "tokenizer": None,  # documents are cut by characters: no model's tokenizer is involved
     }
     data.update(input=input_uri, output=output_uri, limit=None, engine=engine)
-    data["verify"]["enabled"] = base.verify.enabled
     return RunConfig.model_validate(data)
 
 
@@ -240,29 +239,14 @@ def _search_alone(config: RunConfig, manifest: dict[str, Any], fs: Any, root: st
     key = config.bm25.input_question_key
     data = pads.dataset(f"{root}/data", filesystem=fs, format="parquet", partitioning="hive")
     questions = data.to_table(columns=[key])[key].to_pylist()
-    bm25: BM25Config = config.bm25
-    return plain_search_s_apart(manifest["index"]["uri"], bm25, questions, max(1, round(cpus)))
+    threads = max(1, round(cpus))
+    return plain_search_s_apart(manifest["index"]["uri"], config.bm25, questions, threads)
 
 
 @dataclass
 class Servers:
     engine: Any  # InstantServer
     s3: Any = None  # S3Server, when the bench started one
-
-
-@contextlib.contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
-    """``env`` in this process's environment too (the plain search reads the index with it)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main(
@@ -293,7 +277,9 @@ def main(
                 prefix = str(s3_root).rstrip("/")
             for rows in sizes:
                 corpus = write_corpus(work / f"corpus-{rows}", rows)
-                with _environment({k: v for k, v in env.items() if k.startswith("AWS_")}):
+                # The store's variables here too: the plain search reads the index with them.
+                aws = {k: v for k, v in env.items() if k.startswith("AWS_")}
+                with mock.patch.dict(os.environ, aws):
                     if store == "local":
                         input_uri = str(corpus.resolve())
                         output_uri = tempfile.mkdtemp(prefix=f"out-{rows}-", dir=work)
