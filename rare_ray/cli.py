@@ -102,9 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm25 = bench.add_parser("bm25", help="BM25 stage through Ray vs. plain pyserini")
     bm25.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
-    bm25.add_argument("--searchers-per-node", type=int, default=2)
+    bm25.add_argument(
+        "--searchers-per-node", type=int, default=None, help="default: half of a node's CPUs"
+    )
     bm25.add_argument("--repeats", type=int, default=20, help="passes over the 1,000 queries")
     bm25.add_argument("--local-dir", default="/tmp/rare-ray/bench-indexes")
+    bm25.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)"
+    )
+    bm25.add_argument(
+        "--rounds", type=int, default=3, help="default and strict settings in turns, this often"
+    )
     bm25.add_argument(
         "--job",
         nargs="+",
@@ -288,9 +296,9 @@ def _bench(args: argparse.Namespace) -> int:
 
         negatives.main()
         return 0
-    init_ray(RayConfig(address="local"), log_to_driver=False)
+    init_ray(RayConfig(address="local", num_cpus=args.num_cpus), log_to_driver=False)
     print(f"Ray {ray.__version__}, {ray.cluster_resources().get('CPU', 0):g} CPUs")
-    bm25.main(args.sizes, args.searchers_per_node, args.repeats, args.local_dir)
+    bm25.main(args.sizes, args.searchers_per_node, args.repeats, args.local_dir, args.rounds)
     return 0
 
 

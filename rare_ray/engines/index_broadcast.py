@@ -230,9 +230,16 @@ class IndexBuild:
         build_key: str | None = None,
         threads: int = 1,
     ) -> IndexBuild:
-        """Starts the build in a holder actor that reserves ``threads`` CPUs and indexes on
-        as many Lucene threads."""
-        holder = LuceneIndexHolder.options(num_cpus=threads).remote(  # type: ignore[attr-defined]
+        """Starts the build in a holder actor that indexes on ``threads`` Lucene threads.
+
+        An actor holds what it reserves for its whole life. A builder that writes the index to
+        ``share_uri`` is let go once it is built, so it reserves its ``threads`` CPUs. One that
+        keeps the index's chunks lives as long as the searchers that read them, so it reserves
+        none once placed (Ray's default for an actor): holding even one CPU would leave a
+        2-CPU machine's searchers and the tasks that feed them waiting for it forever.
+        """
+        options = {"num_cpus": threads} if share_uri else {}
+        holder = LuceneIndexHolder.options(**options).remote(  # type: ignore[attr-defined]
             heap=heap, threads=threads
         )
         columns = [ID, text_column, *([group_column] if group_column else [])]

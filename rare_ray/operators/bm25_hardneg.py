@@ -62,13 +62,22 @@ def plan_searchers(config: BM25Config, nodes: list[dict[str, Any]]) -> SearcherP
     """Size the searcher pool from the config and the cluster's alive nodes with CPUs.
 
     Defaults leave half of a node's CPUs to the rest of the job, and give the searchers of a
-    node a quarter of its memory (each JVM between 256 MiB and 4 GiB).
+    node a quarter of its memory (each JVM between 256 MiB and 4 GiB). Searchers that would
+    take every CPU of a node are refused: the Ray tasks that read and cut their blocks need
+    one, and without it the stage waits forever.
     """
     workers = [n["Resources"] for n in nodes if n.get("Alive") and n["Resources"].get("CPU")]
     if not workers:
         raise RuntimeError("no alive Ray node has CPUs for BM25 searchers")
     cpus = min(r["CPU"] for r in workers)
-    per_node = config.searchers_per_node or max(1, int(cpus / 2 / config.cpus_per_searcher))
+    wanted = config.searchers_per_node
+    if wanted and wanted * config.cpus_per_searcher > cpus - 1:
+        raise SettingsError(
+            f"bm25.searchers_per_node={wanted} x bm25.cpus_per_searcher="
+            f"{config.cpus_per_searcher:g} takes every CPU of a node with {cpus:g}: leave at "
+            "least one to the tasks that feed the searchers (or leave searchers_per_node unset)"
+        )
+    per_node = wanted or max(1, int(cpus / 2 / config.cpus_per_searcher))
     memory_mib = min(r.get("memory", 4 << 30) for r in workers) / (1 << 20)
     heap = config.heap_per_searcher or f"{int(min(4096, max(256, memory_mib / 4 / per_node)))}m"
     return SearcherPlan(per_node=per_node, nodes=len(workers), heap=heap)

@@ -146,8 +146,6 @@ def _kernels() -> tuple[Any, Any, Any]:
 
     return fingerprint, compare, set_of
 
-    return fingerprint, compare
-
 
 def text_print(text: str, n: int = 0) -> TextPrint:
     """``text``'s hash and, for ``n`` > 0, its distinct word ``n``-grams, sorted."""

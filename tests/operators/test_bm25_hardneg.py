@@ -8,8 +8,9 @@ import ray
 from rare_ray.config import BM25Config
 from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.operators import BM25HardNeg
-from rare_ray.operators.bm25_hardneg import Filters, Positive, select_negatives
+from rare_ray.operators.bm25_hardneg import Filters, Positive, plan_searchers, select_negatives
 from rare_ray.rows import content_key
+from rare_ray.vocabulary import SettingsError
 from tests.helpers import sample_questions, sample_rows
 
 
@@ -65,3 +66,19 @@ def test_reference_keys_are_honoured(ray_local, tmp_path):
     out = op.run(ray.data.from_items(rows)).take_all()
     assert len(out) == 30
     assert all(len(r["negs"]) == 2 and "negs_ids" in r for r in out)
+
+
+def _node(cpus: float, alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": cpus, "memory": 8 << 30}}
+
+
+def test_searchers_leave_a_cpu_of_every_node_to_the_tasks_that_feed_them():
+    # Default: half of the smallest alive node's CPUs, never none.
+    assert plan_searchers(BM25Config(), [_node(8), _node(4), _node(1, alive=False)]).per_node == 2
+    assert plan_searchers(BM25Config(), [_node(2)]).per_node == 1
+    assert plan_searchers(BM25Config(searchers_per_node=3), [_node(4)]).total == 3
+    # Every CPU of a node to searchers: their blocks would never be cut; refused, named.
+    with pytest.raises(SettingsError, match=r"searchers_per_node=2 x bm25\.cpus_per_searcher=1 "):
+        plan_searchers(BM25Config(searchers_per_node=2), [_node(2), _node(8)])
+    with pytest.raises(SettingsError, match="cpus_per_searcher=4"):
+        plan_searchers(BM25Config(searchers_per_node=1, cpus_per_searcher=4), [_node(4)])
