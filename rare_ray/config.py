@@ -380,7 +380,8 @@ class BM25Config(_Section):
         ge=1,
         description="Searcher actors on each node with CPUs (each a JVM with its own copy of "
         "the searcher; all share the node's one unpacked index). None: half the node's CPUs "
-        "divided by the CPUs each searcher reserves.",
+        "divided by the CPUs each searcher reserves. Searchers must leave a CPU of each node "
+        "to the tasks that feed them.",
     )
     threads_per_searcher: Annotated[int, MAY_CHANGE] = Field(
         1, ge=1, description="Lucene search threads per actor."

@@ -12,6 +12,12 @@ Scenarios:
   the BM25 index is removed once a searcher on it has served a batch.
 - ``engine-node``: ``rare-ray run`` over the first ``RUN_DOCS`` sample abstracts with the test
   model; the node of the vLLM engine replica is removed once Doc2Query has committed a shard.
+- ``distill-node``: the same run; the engine replica's node is removed once ReasonDistill has
+  committed a shard.
+- ``publish``: ``rare-ray bm25`` as in ``index-builder``, publishing files of
+  ``PUBLISH_ROWS_PER_FILE`` rows; the node of a publishing task caught writing one of them is
+  removed. If the job stops, the same command is run again on the node left, as the
+  publication protocol's rerun rule says a user would.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ WORKER_CPUS = 3
 COPIES = 20
 QUESTIONS = 1000 * COPIES  # the sample holds 1,000 questions
 RUN_DOCS = 60
+# 20,000 rows in shards and files of 250: 80 publishing tasks, for the loss to land among.
+PUBLISH_ROWS_PER_FILE = 250
+# The stage whose first committed shard is the moment an engine scenario removes the node.
+ENGINE_SCENARIOS = {"engine-node": "doc2query", "distill-node": "distill"}
 
 
 def _searches(nodes_dir: Path) -> list[dict[str, Any]]:
@@ -75,7 +85,9 @@ def _wait_for(condition: Any, timeout: float, job: subprocess.Popen, what: str) 
     raise TimeoutError(f"no {what} after {timeout:.0f} s")
 
 
-def bm25_job(workdir: Path, address: str) -> tuple[list[str], Path]:
+def bm25_job(
+    workdir: Path, address: str, publish_rows: int | None = None
+) -> tuple[list[str], Path]:
     """The ``rare-ray bm25`` command, with its config written: the sample's questions, each
     asked ``COPIES`` times (one searcher answers the sample's 1,000 in about 3 s, too soon
     for a loss to land mid-stage), against the sample's abstracts."""
@@ -89,7 +101,9 @@ def bm25_job(workdir: Path, address: str) -> tuple[list[str], Path]:
     corpus = write_jsonl(workdir / "corpus.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["ray"] = {"address": address}
-    config["checkpoint"] = {**config.get("checkpoint", {}), "shard_rows": 1000}
+    config["checkpoint"] = {**config.get("checkpoint", {}), "shard_rows": publish_rows or 1000}
+    if publish_rows:  # a publishing task, and a file, per shard of that many rows
+        config["output_layout"] = {**config.get("output_layout", {}), "rows_per_file": publish_rows}
     config["bm25"].update(
         local_dir=str(workdir / "nodes" / "{node_id}"),
         searchers_per_node=1,
@@ -133,6 +147,29 @@ def _committed(out: Path, stage: str) -> list[str]:
     return ids
 
 
+def _published(out: Path) -> list[str]:
+    """Files under ``data/`` now, hidden ones (being written) included."""
+    return [str(f.relative_to(out)) for f in (out / "data").glob("*/*") if f.is_file()]
+
+
+def _writers(out: Path) -> list[int]:
+    """Pids of the processes writing a file under ``data/`` now: a file being written is
+    hidden, ``.<name>.tmp-<pid>`` (``write_parquet_whole``)."""
+    return [int(f.name.rsplit("-", 1)[1]) for f in (out / "data").glob("*/.*.tmp-*")]
+
+
+def _node_of(pid: int, nodes: dict[str, Any]) -> str | None:
+    """The node whose raylet started process ``pid`` (a Ray worker's parent is its raylet)."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):  # it has already finished
+        return None
+    for node_id, node in nodes.items():
+        if any(p.process.pid == parent for p in node.all_processes.get("raylet", [])):
+            return node_id
+    return None
+
+
 def _written(out: Path, stage: str) -> list[str]:
     """Ids in every part file of ``stage`` that can be read now, committed or not."""
     ids = []
@@ -158,7 +195,9 @@ def main(scenario: str, workdir_arg: str) -> None:
     try:
         if scenario == "index-builder":
             command, out = bm25_job(workdir, cluster.address)
-        elif scenario == "engine-node":
+        elif scenario == "publish":
+            command, out = bm25_job(workdir, cluster.address, PUBLISH_ROWS_PER_FILE)
+        elif scenario in ENGINE_SCENARIOS:
             command, out = run_job(workdir, cluster.address)
         else:
             raise ValueError(f"no scenario {scenario!r}")
@@ -176,13 +215,24 @@ def main(scenario: str, workdir_arg: str) -> None:
                         600, job, "search batch on the builder's node",
                     )  # fmt: skip
                     result["searched_before_removal"] = sum(b["rows"] for b in _searches(nodes_dir))
+                elif scenario == "publish":
+                    # The node of a process caught writing a publication file.
+                    doomed = _wait_for(
+                        lambda: next(
+                            (n for pid in _writers(out) if (n := _node_of(pid, nodes))), None
+                        ),
+                        900, job, "publishing task writing a file",
+                    )  # fmt: skip
+                    result["published_before_removal"] = _published(out)
+                    result["manifest_before_removal"] = (out / "manifest.json").exists()
                 else:
+                    stage = ENGINE_SCENARIOS[scenario]
                     doomed = _wait_for(
                         lambda: _actor_node(cluster, "EngineReplica"), 600, job, "engine"
                     )
-                    _wait_for(lambda: _committed(out, "doc2query"), 900, job, "doc2query shard")
-                    result["committed_before_removal"] = _committed(out, "doc2query")
-                    result["written_before_removal"] = _written(out, "doc2query")
+                    _wait_for(lambda: _committed(out, stage), 900, job, f"{stage} shard")
+                    result["committed_before_removal"] = _committed(out, stage)
+                    result["written_before_removal"] = _written(out, stage)
                 result["removed"] = doomed
                 result["removed_at"] = time.time()
                 cluster.remove_node(nodes[doomed], allow_graceful=False)
@@ -190,6 +240,12 @@ def main(scenario: str, workdir_arg: str) -> None:
             finally:
                 if job.poll() is None:
                     job.kill()
+        if scenario == "publish" and result["returncode"] != 0:
+            # The rerun rule: the same command again finishes the publication.
+            with (workdir / "rerun.log").open("w") as log:
+                rerun = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            result["rerun_returncode"] = rerun.returncode
+            result["rerun_log_tail"] = (workdir / "rerun.log").read_text()[-6000:]
         result["searches"] = _searches(nodes_dir)
         result["output"] = str(out)
     finally:

@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from tests.helpers import REPO
-from tests.node_loss_driver import QUESTIONS, RUN_DOCS
+from tests.node_loss_driver import PUBLISH_ROWS_PER_FILE, QUESTIONS, RUN_DOCS
 
 
 def lose_a_node(scenario: str, workdir: Path) -> dict[str, Any]:
@@ -71,6 +71,24 @@ def test_losing_the_node_that_built_the_index_mid_bm25_loses_no_row(tmp_path, ca
         )
 
 
+def assert_each_row_once(out: Path, rows: int) -> dict[str, Any]:
+    """Every input id exactly once in data/ or rejects/, none rejected for the loss (a lost
+    batch is asked again, not given up on); returns the manifest's counts."""
+    data, rejects = read_ids(out / "data"), read_ids(out / "rejects")
+    assert sorted(data + rejects) == sorted(set(data + rejects)) and len(data + rejects) == rows
+    counts: dict[str, Any] = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["output_rows"] + counts["rejected_rows"] == rows
+    reasons = read_column(out / "rejects", "reason")
+    assert not [r for r in reasons if "Actor" in r or "retries" in r], reasons
+    return counts
+
+
+def verify_asks(stages: dict[str, Any]) -> int:
+    """The engine requests of the verify stage: one a row with a finished answer, plus re-asks."""
+    verify = stages["verify"]
+    return int(verify["in"] - verify["unfinished"] + verify["reasked"])
+
+
 @pytest.mark.slow
 def test_losing_the_engines_node_mid_doc2query_loses_no_row(tmp_path, capsys):
     result = lose_a_node("engine-node", tmp_path)
@@ -78,18 +96,11 @@ def test_losing_the_engines_node_mid_doc2query_loses_no_row(tmp_path, capsys):
     out = Path(result["output"])
     committed = result["committed_before_removal"]
     assert 0 < len(committed) < RUN_DOCS  # the loss came mid-Doc2Query
-    data, rejects = read_ids(out / "data"), read_ids(out / "rejects")
-    assert sorted(data + rejects) == sorted(set(data + rejects)) and len(data + rejects) == RUN_DOCS
-    manifest = json.loads((out / "manifest.json").read_text())
-    counts = manifest["counts"]
-    assert counts["output_rows"] + counts["rejected_rows"] == RUN_DOCS
-    # No row was rejected for the loss: a lost batch is asked again, not given up on.
-    reasons = read_column(out / "rejects", "reason")
-    assert not [r for r in reasons if "Actor" in r or "retries" in r], reasons
+    stages = assert_each_row_once(out, RUN_DOCS)["stages"]
     # Work redone: the Doc2Query asks the engine, restarted on the node left, answered beyond
     # those of the rows that no part file held when the node went.
+    manifest = json.loads((out / "manifest.json").read_text())
     (engine,) = manifest["engines"]  # the report of the replica since its restart
-    stages = counts["stages"]
     written = set(result["written_before_removal"])
     asks_left = sum(
         r["doc2query_attempts"] for r in read_rows(out / "data") if r["id"] not in written
@@ -98,11 +109,64 @@ def test_losing_the_engines_node_mid_doc2query_loses_no_row(tmp_path, capsys):
         for r in read_rows(out / "rejects")
         if r["stage"] == "doc2query" and r["id"] not in written
     )
-    verify = stages["verify"]["in"] - stages["verify"]["unfinished"] + stages["verify"]["reasked"]
-    redone = engine["requests"] - stages["distill"]["in"] - verify - asks_left
+    redone = engine["requests"] - stages["distill"]["in"] - verify_asks(stages) - asks_left
     assert redone >= 0
     with capsys.disabled():
         print(
             f"\n[node loss: engine node mid-Doc2Query] {len(committed)} of {RUN_DOCS} rows "
             f"committed before the loss; {redone} requests redone after it"
+        )
+
+
+@pytest.mark.slow
+def test_losing_the_engines_node_mid_reason_distill_loses_no_row(tmp_path, capsys):
+    result = lose_a_node("distill-node", tmp_path)
+    assert result["returncode"] == 0, result["log_tail"]
+    out = Path(result["output"])
+    stages = assert_each_row_once(out, RUN_DOCS)["stages"]
+    committed = result["committed_before_removal"]
+    assert 0 < len(committed) < stages["distill"]["in"]  # the loss came mid-ReasonDistill
+    # Work redone: the asks of the engine, restarted on the node left, beyond one for each row
+    # that no ReasonDistill part file held when the node went, and the verify stage's.
+    manifest = json.loads((out / "manifest.json").read_text())
+    (engine,) = manifest["engines"]  # the report of the replica since its restart
+    asks_left = stages["distill"]["in"] - len(set(result["written_before_removal"]))
+    redone = engine["requests"] - asks_left - verify_asks(stages)
+    assert redone >= 0
+    with capsys.disabled():
+        print(
+            f"\n[node loss: engine node mid-ReasonDistill] {len(committed)} of "
+            f"{stages['distill']['in']} rows committed before the loss; {redone} requests "
+            "redone after it"
+        )
+
+
+@pytest.mark.slow
+def test_losing_a_node_while_publishing_keeps_the_publication_whole(tmp_path, capsys):
+    result = lose_a_node("publish", tmp_path)
+    # The run finished by itself (the lost node's publishing tasks retried on the other), or
+    # its rerun finished the publication.
+    finished = result["returncode"] == 0 or result.get("rerun_returncode") == 0
+    assert finished, result["log_tail"] + result.get("rerun_log_tail", "")
+    assert result["published_before_removal"] and not result["manifest_before_removal"]
+    out = Path(result["output"])
+    assert_each_row_once(out, QUESTIONS)
+    # Nothing but the manifest's files under data/ and rejects/: no temporary file of a task
+    # killed with its node, no file of a group written twice under another name.
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = set(manifest["publication"]["files"])
+    present = {
+        str(f.relative_to(out))
+        for top in ("data", "rejects")
+        for f in (out / top).rglob("*")
+        if f.is_file()
+    }
+    assert present == listed
+    assert len(listed) >= QUESTIONS // PUBLISH_ROWS_PER_FILE
+    with capsys.disabled():
+        how = "the run went on" if result["returncode"] == 0 else "a rerun finished it"
+        print(
+            f"\n[node loss: during publishing] the node of a task writing a file went with "
+            f"{len(result['published_before_removal'])} of {len(listed)} files under data/ "
+            f"begun; {how}"
         )
