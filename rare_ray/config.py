@@ -181,6 +181,14 @@ class VLLMEngineConfig(_EngineSection):
         "accelerator type) the replicas need. Turn off on autoscaling clusters whose GPU "
         "nodes start on demand.",
     )
+    unavailable_timeout_s: Annotated[float, MAY_CHANGE] = Field(
+        1800,
+        gt=0,
+        description="Seconds a replica that has answered may stay unreachable (its node lost "
+        "and no node left able to take it back) before the run stops, saying how many shards "
+        "are committed; a rerun resumes from them. Keep it above the model's load time, and "
+        "on autoscaling clusters above a GPU node's start time.",
+    )
 
 
 # Keys of VLLMEngineConfig.engine_kwargs that change only how fast or where vLLM runs. They

@@ -52,6 +52,10 @@ class StageError(RuntimeError):
     """A stage stopped; the shards it committed stay, and a rerun resumes after them."""
 
 
+class EnginesLost(StageError):
+    """The run's engine replicas are gone, and no node left can take them back."""
+
+
 class ReconciliationError(RuntimeError):
     """Rows were lost or duplicated between stages: never expected, always fatal."""
 

@@ -14,6 +14,10 @@ Scenarios:
   model; the node of the vLLM engine replica is removed once Doc2Query has committed a shard.
 - ``distill-node``: the same run; the engine replica's node is removed once ReasonDistill has
   committed a shard.
+- ``no-engine-node``: the same run with ``engine.unavailable_timeout_s`` of
+  ``UNAVAILABLE_TIMEOUT_S``; once Doc2Query has committed a shard, both worker nodes are
+  removed (the head has no CPU: no node is left for the engine). The run must stop by itself;
+  then a new worker node joins and the same command is run again.
 - ``publish``: ``rare-ray bm25`` as in ``index-builder``, publishing files of
   ``PUBLISH_ROWS_PER_FILE`` rows; the node of a publishing task caught writing one of them is
   removed. If the job stops, the same command is run again on the node left, as the
@@ -53,7 +57,9 @@ RUN_DOCS = 60
 # 20,000 rows in shards and files of 250: 80 publishing tasks, for the loss to land among.
 PUBLISH_ROWS_PER_FILE = 250
 # The stage whose first committed shard is the moment an engine scenario removes the node.
-ENGINE_SCENARIOS = {"engine-node": "doc2query", "distill-node": "distill"}
+ENGINE_SCENARIOS = {"engine-node": "doc2query", "distill-node": "distill",
+                    "no-engine-node": "doc2query"}  # fmt: skip
+UNAVAILABLE_TIMEOUT_S = 20
 
 
 def _searches(nodes_dir: Path) -> list[dict[str, Any]]:
@@ -120,9 +126,13 @@ def bm25_job(
     return command, out
 
 
-def run_job(workdir: Path, address: str) -> tuple[list[str], Path]:
+def run_job(
+    workdir: Path, address: str, unavailable_timeout_s: float | None = None
+) -> tuple[list[str], Path]:
     """The ``rare-ray run`` command over the first ``RUN_DOCS`` abstracts, config written."""
     config = local_config_in(workdir, TEST_MODEL).model_dump(mode="json")
+    if unavailable_timeout_s is not None:
+        config["engine"]["unavailable_timeout_s"] = unavailable_timeout_s
     config["ray"]["address"] = address
     config["ray"].pop("num_cpus", None)  # the cluster's nodes say how many they have
     config["checkpoint"]["shard_rows"] = 10
@@ -197,6 +207,8 @@ def main(scenario: str, workdir_arg: str) -> None:
             command, out = bm25_job(workdir, cluster.address)
         elif scenario == "publish":
             command, out = bm25_job(workdir, cluster.address, PUBLISH_ROWS_PER_FILE)
+        elif scenario == "no-engine-node":
+            command, out = run_job(workdir, cluster.address, UNAVAILABLE_TIMEOUT_S)
         elif scenario in ENGINE_SCENARIOS:
             command, out = run_job(workdir, cluster.address)
         else:
@@ -236,11 +248,19 @@ def main(scenario: str, workdir_arg: str) -> None:
                 result["removed"] = doomed
                 result["removed_at"] = time.time()
                 cluster.remove_node(nodes[doomed], allow_graceful=False)
+                if scenario == "no-engine-node":  # and the other: no node left with CPUs
+                    for other in set(nodes) - {doomed}:
+                        cluster.remove_node(nodes[other], allow_graceful=False)
                 result["returncode"] = job.wait(timeout=1200)
+                result["ended_at"] = time.time()
             finally:
                 if job.poll() is None:
                     job.kill()
-        if scenario == "publish" and result["returncode"] != 0:
+        if scenario == "no-engine-node":  # a node joins; the same command resumes
+            result["committed_before_rerun"] = _committed(out, "doc2query")
+            cluster.add_node(num_cpus=WORKER_CPUS, object_store_memory=300 << 20)
+            cluster.wait_for_nodes()
+        if scenario == "no-engine-node" or (scenario == "publish" and result["returncode"]):
             # The rerun rule: the same command again finishes the publication.
             with (workdir / "rerun.log").open("w") as log:
                 rerun = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -17,7 +17,12 @@ import pyarrow.dataset as pads
 import pytest
 
 from tests.helpers import REPO
-from tests.node_loss_driver import PUBLISH_ROWS_PER_FILE, QUESTIONS, RUN_DOCS
+from tests.node_loss_driver import (
+    PUBLISH_ROWS_PER_FILE,
+    QUESTIONS,
+    RUN_DOCS,
+    UNAVAILABLE_TIMEOUT_S,
+)
 
 
 def lose_a_node(scenario: str, workdir: Path) -> dict[str, Any]:
@@ -169,4 +174,26 @@ def test_losing_a_node_while_publishing_keeps_the_publication_whole(tmp_path, ca
             f"\n[node loss: during publishing] the node of a task writing a file went with "
             f"{len(result['published_before_removal'])} of {len(listed)} files under data/ "
             f"begun; {how}"
+        )
+
+
+@pytest.mark.slow
+def test_with_no_node_left_for_the_engine_the_run_stops_and_a_rerun_resumes(tmp_path, capsys):
+    result = lose_a_node("no-engine-node", tmp_path)
+    # It stopped by itself, soon after the timeout, saying what and that a rerun resumes.
+    assert result["returncode"] != 0, result["log_tail"]
+    log = result["log_tail"]
+    assert "EnginesLost" in log and "engine.unavailable_timeout_s" in log, log
+    assert "shards were committed; rerun the same command to resume from there" in log, log
+    waited = result["ended_at"] - result["removed_at"]
+    assert waited < UNAVAILABLE_TIMEOUT_S + 120, waited
+    committed = result["committed_before_rerun"]
+    assert 0 < len(committed) < RUN_DOCS
+    # A node joined; the same command finished the run, every row once.
+    assert result["rerun_returncode"] == 0, result["rerun_log_tail"]
+    assert_each_row_once(Path(result["output"]), RUN_DOCS)
+    with capsys.disabled():
+        print(
+            f"\n[node loss: no node left for the engine] stopped {waited:.0f} s after the "
+            f"loss with {len(committed)} of {RUN_DOCS} rows committed; the rerun completed"
         )

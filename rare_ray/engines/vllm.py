@@ -39,6 +39,15 @@ retries are not capped: while an actor is only "unavailable", as the replica of 
 declared dead is, capped retries are spent in seconds). A replica that keeps dying is dead for
 good after its restarts, and its batches fail the stage instead of looping. One request that
 fails leaves its error in its row and never fails the batch.
+
+No node left. A replica whose node is lost while no other node can take it is never declared
+dead: Ray keeps its restart pending (on an autoscaling cluster a new node may come), and the
+stage waits. So the driver watches its replicas: each is called every few seconds, and once
+one that had answered has not answered for ``engine.unavailable_timeout_s``, the replicas
+are given up on and the driver's main thread is interrupted (``SIGUSR1``, whose handler the
+pool installs there) with ``EnginesLost``: the stage stops with how many shards it committed,
+and a rerun resumes from them. A signal, because the main thread is waiting inside Ray Data's
+iterator, which no other thread can end; a signal ends the wait.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -57,11 +67,14 @@ from typing import Any
 
 from rare_ray.config import VLLMEngineConfig
 from rare_ray.engines.contract import Generation, Messages, Render, TokenBudget, load_tokenizer
+from rare_ray.vocabulary import EnginesLost
 
 logger = logging.getLogger("rare_ray")
 
 # The engines' actor class, by name: the benches read its starts from Ray's task events.
 REPLICA_CLASS = "EngineReplica"
+# How often the driver calls each replica to see that it is still reachable.
+WATCH_INTERVAL_S = 5.0
 
 
 def engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
@@ -190,6 +203,10 @@ class VLLMPool:
     engine: VLLMEngineConfig
     replicas: list[Any]  # actor handles
     groups: list[Any] = field(default_factory=list)  # their placement groups, when they have one
+    # Why the replicas were given up on (see the module's "No node left"), once they were.
+    lost: str | None = None
+    _stop_watch: threading.Event = field(default_factory=threading.Event, repr=False)
+    _handler: Any = field(default=None, repr=False)  # the SIGUSR1 handler it replaced
 
     @classmethod
     def start(cls, engine: VLLMEngineConfig) -> VLLMPool:
@@ -229,7 +246,51 @@ class VLLMPool:
                 )
             actor = ray.remote(EngineReplica).options(**actor_options)
             replicas.append(actor.remote(engine.model, engine_kwargs(engine)))
-        return cls(engine, replicas, groups)
+        pool = cls(engine, replicas, groups)
+        interrupt = threading.current_thread() is threading.main_thread()
+        if interrupt:
+            pool._handler = signal.signal(signal.SIGUSR1, pool._raise_lost)
+        threading.Thread(target=pool._watch, args=(interrupt,), daemon=True).start()
+        return pool
+
+    def _watch(self, interrupt: bool) -> None:
+        """The watchdog (see the module's "No node left"): one call in flight per replica."""
+        import ray
+
+        replicas, timeout = list(self.replicas), self.engine.unavailable_timeout_s
+        calls: dict[int, tuple[Any, float]] = {}
+        answered: set[int] = set()
+        while not self._stop_watch.wait(WATCH_INTERVAL_S) and ray.is_initialized():
+            for i, replica in enumerate(replicas):
+                if i not in calls:
+                    calls[i] = (replica.report.remote(), time.monotonic())
+                ref, sent = calls[i]
+                if ray.wait([ref], timeout=0)[0]:
+                    del calls[i]
+                    try:
+                        ray.get(ref)
+                        answered.add(i)
+                    except ray.exceptions.RayError:
+                        pass  # dead for good: its batches fail the stage by themselves
+                elif i in answered and time.monotonic() - sent > timeout:
+                    self.lost = (
+                        f"engine replica {i} of {self.engine.model} has not answered for "
+                        f"{timeout:g} s (engine.unavailable_timeout_s): its node is gone and "
+                        "no node left can take it"
+                    )
+                    logger.error("rare-ray: %s; stopping the run", self.lost)
+                    if interrupt and not self._stop_watch.is_set():
+                        # A real signal: one only flagged (``_thread.interrupt_main``) waits
+                        # for the main thread to run Python, and it is blocked on a lock.
+                        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+                    else:  # no thread to interrupt: the batches waiting for them fail
+                        for r in replicas:
+                            ray.kill(r, no_restart=True)
+                    return
+
+    def _raise_lost(self, signum: int, frame: Any) -> None:
+        if self.lost is not None:  # else not ours: ignored
+            raise EnginesLost(self.lost)
 
     def client(self) -> VLLMClient:
         return VLLMClient(self.engine, self.replicas)
@@ -251,9 +312,15 @@ class VLLMPool:
         """Engines first, then their actors and placement groups."""
         import ray
 
+        self._stop_watch.set()
+        if self._handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._handler)
+            self._handler = None
+
         for replica in self.replicas:
             try:
-                ray.get(replica.shutdown.remote(), timeout=timeout_s)
+                if self.lost is None:  # a lost one's call would wait for its restart
+                    ray.get(replica.shutdown.remote(), timeout=timeout_s)
             except ray.exceptions.RayActorError:
                 pass  # it died (and stopped its engine) on its own
             except Exception as e:  # a replica that cannot shut down cleanly is killed anyway
@@ -264,8 +331,12 @@ class VLLMPool:
         self.replicas, self.groups = [], []
 
     def __getstate__(self) -> dict[str, Any]:
-        # Workers get the replicas, never the placement groups they do not manage.
+        # Workers get the replicas, never the placement groups they do not manage, nor the
+        # driver's watchdog.
         return {"engine": self.engine, "replicas": self.replicas, "groups": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
 
 @dataclass
