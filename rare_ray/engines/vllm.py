@@ -42,12 +42,13 @@ fails leaves its error in its row and never fails the batch.
 
 No node left. A replica whose node is lost while no other node can take it is never declared
 dead: Ray keeps its restart pending (on an autoscaling cluster a new node may come), and the
-stage waits. So the driver watches its replicas: each is called every few seconds, and once
-one that had answered has not answered for ``engine.unavailable_timeout_s``, the replicas
-are given up on and the driver's main thread is interrupted (``SIGUSR1``, whose handler the
-pool installs there) with ``EnginesLost``: the stage stops with how many shards it committed,
-and a rerun resumes from them. A signal, because the main thread is waiting inside Ray Data's
-iterator, which no other thread can end; a signal ends the wait.
+stage waits. So the driver watches its replicas: every few seconds it reads their states from
+Ray's control store, and once one that had been up has not been up for
+``engine.unavailable_timeout_s``, the replicas are given up on and the driver's main thread
+is interrupted (``SIGUSR1``, whose handler the pool installs there) with ``EnginesLost``: the
+stage stops with how many shards it committed, and a rerun resumes from them. A signal,
+because the main thread is waiting inside Ray Data's iterator, which no other thread can end;
+a signal ends the wait.
 """
 
 from __future__ import annotations
@@ -254,39 +255,49 @@ class VLLMPool:
         return pool
 
     def _watch(self, interrupt: bool) -> None:
-        """The watchdog (see the module's "No node left"): one call in flight per replica."""
+        """The watchdog (see the module's "No node left"). It reads each replica's state from
+        Ray's control store instead of calling it: a call would run on the replica beside its
+        batches (and retitle its process mid-batch). The public state API would need the
+        dashboard, which local runs and tests go without."""
+        import ray
+        from ray._private.state import actors
+
+        ids, timeout = [r._actor_id.hex() for r in self.replicas], self.engine.unavailable_timeout_s
+        seen_alive: set[int] = set()
+        down_since: dict[int, float] = {}
+        while not self._stop_watch.wait(WATCH_INTERVAL_S) and ray.is_initialized():
+            for i, actor_id in enumerate(ids):
+                try:
+                    state = actors(actor_id=actor_id).get("State")
+                except Exception:  # the control store busy or going away: look again later
+                    continue
+                if state == "ALIVE":
+                    seen_alive.add(i)
+                    down_since.pop(i, None)
+                    continue
+                # Not started yet (not armed), or dead for good (its batches fail the stage).
+                if i not in seen_alive or state == "DEAD":
+                    continue
+                since = down_since.setdefault(i, time.monotonic())
+                if time.monotonic() - since > timeout:
+                    self._give_up(i, timeout, interrupt)
+                    return
+
+    def _give_up(self, replica: int, timeout: float, interrupt: bool) -> None:
         import ray
 
-        replicas, timeout = list(self.replicas), self.engine.unavailable_timeout_s
-        calls: dict[int, tuple[Any, float]] = {}
-        answered: set[int] = set()
-        while not self._stop_watch.wait(WATCH_INTERVAL_S) and ray.is_initialized():
-            for i, replica in enumerate(replicas):
-                if i not in calls:
-                    calls[i] = (replica.report.remote(), time.monotonic())
-                ref, sent = calls[i]
-                if ray.wait([ref], timeout=0)[0]:
-                    del calls[i]
-                    try:
-                        ray.get(ref)
-                        answered.add(i)
-                    except ray.exceptions.RayError:
-                        pass  # dead for good: its batches fail the stage by themselves
-                elif i in answered and time.monotonic() - sent > timeout:
-                    self.lost = (
-                        f"engine replica {i} of {self.engine.model} has not answered for "
-                        f"{timeout:g} s (engine.unavailable_timeout_s): its node is gone and "
-                        "no node left can take it"
-                    )
-                    logger.error("rare-ray: %s; stopping the run", self.lost)
-                    if interrupt and not self._stop_watch.is_set():
-                        # A real signal: one only flagged (``_thread.interrupt_main``) waits
-                        # for the main thread to run Python, and it is blocked on a lock.
-                        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
-                    else:  # no thread to interrupt: the batches waiting for them fail
-                        for r in replicas:
-                            ray.kill(r, no_restart=True)
-                    return
+        self.lost = (
+            f"engine replica {replica} of {self.engine.model} has not been up for {timeout:g} s "
+            "(engine.unavailable_timeout_s): its node is gone and no node left can take it"
+        )
+        logger.error("rare-ray: %s; stopping the run", self.lost)
+        if interrupt and not self._stop_watch.is_set():
+            # A real signal: one only flagged (``_thread.interrupt_main``) waits for the main
+            # thread to run Python, and it is blocked on a lock in Ray Data's iterator.
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+        else:  # no thread to interrupt: the batches waiting for the replicas fail instead
+            for r in self.replicas:
+                ray.kill(r, no_restart=True)
 
     def _raise_lost(self, signum: int, frame: Any) -> None:
         if self.lost is not None:  # else not ours: ignored
