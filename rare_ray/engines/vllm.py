@@ -74,7 +74,7 @@ logger = logging.getLogger("rare_ray")
 
 # The engines' actor class, by name: the benches read its starts from Ray's task events.
 REPLICA_CLASS = "EngineReplica"
-# How often the driver calls each replica to see that it is still reachable.
+# How often the driver reads its replicas' states (the watchdog of "No node left").
 WATCH_INTERVAL_S = 5.0
 
 
