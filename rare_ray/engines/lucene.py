@@ -41,7 +41,7 @@ class Hit:
 
     ``scored`` is Anserini's hit (a ``ScoredDoc``). Its Lucene document is read only with the
     text: handing a Java object to Python costs about 10 µs, and most of a query's ``depth``
-    hits are never looked at (four of fifty per question with the default filters).
+    hits are never looked at (three of fifty per question with the default filters).
     """
 
     __slots__ = ("_scored", "_text", "docid", "group", "score")
@@ -63,8 +63,8 @@ class Hit:
     @property
     def text(self) -> str:
         if self._text is None:
-            document = self._scored.lucene_document if self._scored is not None else None
-            self._text = document.get("contents") or "" if document is not None else ""
+            document = None if self._scored is None else self._scored.lucene_document
+            self._text = (None if document is None else document.get("contents")) or ""
         return self._text
 
     def __repr__(self) -> str:
