@@ -44,6 +44,7 @@ from typing import Any
 import ray
 
 from rare_ray.engines.lucene import ANALYZER, LuceneIndexWriter
+from rare_ray.engines.texts import IDS_FILE, TEXTS_FILE, TextsWriter
 from rare_ray.rows import ID
 from rare_ray.vocabulary import filesystem
 
@@ -111,16 +112,21 @@ class LuceneIndexHolder:
         start = time.perf_counter()
         index_dir = self.workdir / "index"
         writer = LuceneIndexWriter(index_dir, threads=self.threads, heap=self.heap)
+        # The texts beside the index (``engines.texts``), moved into it once Lucene is done.
+        side = TextsWriter(self.workdir / "texts")
         # An order-independent digest of the corpus: the sum of per-document hashes.
         digest = 0
         for batch in corpus.iter_batches(batch_size=4096, batch_format="pyarrow"):
             ids, texts = batch[ID].to_pylist(), batch[text_column].to_pylist()  # type: ignore[union-attr]
             groups = batch[group_column].to_pylist() if group_column else None  # type: ignore[union-attr]
-            writer.add(ids, texts, groups)
+            side.add(writer.add(ids, texts, groups), batch[text_column])
             for i, t, g in zip(ids, texts, groups or [None] * len(ids), strict=True):
                 h = hashlib.sha256(f"{i}\0{t}\0{g or ''}".encode()).digest()
                 digest = (digest + int.from_bytes(h, "big")) % (1 << 256)
         writer.close()
+        side.close()
+        for name in (TEXTS_FILE, IDS_FILE):
+            os.rename(side.index_dir / name, index_dir / name)
         params = {**index_params(k1, b), "corpus_hash": f"{digest:064x}"}
         if group_column:  # ids in the index carry their groups (``grouped_docid``)
             params["group_key"] = group_column

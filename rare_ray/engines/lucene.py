@@ -1,7 +1,9 @@
 """BM25 over a Lucene index, through Anserini's Java classes (as shipped in pyserini).
 
 The index stores each document's text (``-storeContents``), so a hit carries its text and the
-index doubles as the document store the searchers need: nothing else has to travel with it.
+index doubles as the document store the searchers need. An index that rare-ray built also has
+its texts in an Arrow file (``rare_ray.engines.texts``), where a hit's text costs a slice
+instead of a trip through the JVM; either way nothing else has to travel with the index.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rare_ray.engines.jvm import java_class, java_list
+from rare_ray.engines.texts import Bytes, IndexTexts
 
 # Anserini's default analyzer for English: Lucene's standard tokenizer, English stopwords and
 # the Porter stemmer. Named in the index fingerprint; change it and indexes are rebuilt.
@@ -36,15 +41,16 @@ def split_docid(docid: str) -> tuple[str, str | None]:
 
 
 class Hit:
-    """A search hit; its text is copied out of Java only when asked for. ``group`` is the
-    document's group in an index built with groups, else None.
+    """A search hit; its text is read only when asked for. ``group`` is the document's group
+    in an index built with groups, else None.
 
-    ``scored`` is Anserini's hit (a ``ScoredDoc``). Its Lucene document is read only with the
+    The text comes from the index's ``IndexTexts`` (``row`` there) when it has them, else from
+    ``scored``, Anserini's hit (a ``ScoredDoc``), whose Lucene document is read only with the
     text: handing a Java object to Python costs about 10 µs, and most of a query's ``depth``
     hits are never looked at (three of fifty per question with the default filters).
     """
 
-    __slots__ = ("_scored", "_text", "docid", "group", "score")
+    __slots__ = ("_row", "_scored", "_text", "_texts", "docid", "group", "score")
 
     def __init__(
         self,
@@ -53,19 +59,34 @@ class Hit:
         text: str | None = None,
         scored: Any = None,
         group: str | None = None,
+        texts: IndexTexts | None = None,
+        row: int = -1,
     ):
         self.docid = docid
         self.score = score
         self.group = group
         self._text = text
         self._scored = scored
+        self._texts = texts if row >= 0 else None
+        self._row = row
 
     @property
     def text(self) -> str:
         if self._text is None:
-            document = None if self._scored is None else self._scored.lucene_document
-            self._text = (None if document is None else document.get("contents")) or ""
+            if self._texts is not None:
+                self._text = self._texts.text(self._row)
+            else:
+                document = None if self._scored is None else self._scored.lucene_document
+                self._text = (None if document is None else document.get("contents")) or ""
         return self._text
+
+    @property
+    def utf8(self) -> Bytes:
+        """The text's UTF-8 bytes, for the fingerprint kernels: a view of the texts' file
+        when the index has one (no string made), else the encoded ``text``."""
+        if self._texts is not None:
+            return self._texts.utf8(self._row)
+        return np.frombuffer(self.text.encode(), np.uint8)
 
     def __repr__(self) -> str:
         return f"Hit({self.docid!r}, {self.score:.3f})"
@@ -83,13 +104,17 @@ class LuceneIndexWriter:
         self._writer = indexer(args)
         self.count = 0
 
-    def add(self, ids: list[str], texts: list[str], groups: list[str | None] | None = None) -> None:
-        """Adds documents; with ``groups``, their ids become ``grouped_docid``s."""
+    def add(
+        self, ids: list[str], texts: list[str], groups: list[str | None] | None = None
+    ) -> list[str]:
+        """Adds documents; with ``groups``, their ids become ``grouped_docid``s. Returns the
+        ids as the index stores them."""
         if groups is not None:
             ids = [grouped_docid(i, g) for i, g in zip(ids, groups, strict=True)]
         docs = [self._document.fromFields(i, t) for i, t in zip(ids, texts, strict=True)]
         self._writer.addJsonDocuments(docs)
         self.count += len(docs)
+        return ids
 
     def close(self) -> None:
         self._writer.close()
@@ -119,6 +144,7 @@ class LuceneSearcher:
         self.threads = threads
         self.grouped = grouped
         self.num_docs = int(self._searcher.get_total_num_docs())
+        self.texts = IndexTexts.of_index(index_dir)
 
     def score(self, query: str, docid: str, group: str | None = None) -> float | None:
         """The BM25 score of one document for ``query`` (0.0 when it matches no term), as
@@ -142,18 +168,18 @@ class LuceneSearcher:
         results = self._searcher.batch_search(
             java_list(queries), java_list(qids), int(depth), int(self.threads)
         )
-        if not self.grouped:
-            return [
-                [Hit(hit.docid, float(hit.score), scored=hit) for hit in results.get(qid)]
-                for qid in qids
-            ]
+        found = [[(hit.docid, float(hit.score), hit) for hit in results.get(qid)] for qid in qids]
+        texts = self.texts
+        # Where each hit's text is in the texts' file: one lookup for the whole batch.
+        rows = iter(texts.rows([d for hits in found for d, _, _ in hits]).tolist() if texts else ())
         out = []
-        for qid in qids:
-            hits = []
-            for hit in results.get(qid):
-                docid, group = split_docid(hit.docid)
-                hits.append(Hit(docid, float(hit.score), scored=hit, group=group))
-            out.append(hits)
+        for hits in found:
+            row_hits = []
+            for stored, score, scored in hits:
+                docid, group = split_docid(stored) if self.grouped else (stored, None)
+                row = next(rows, -1)
+                row_hits.append(Hit(docid, score, scored=scored, group=group, texts=texts, row=row))
+            out.append(row_hits)
         return out
 
     def close(self) -> None:

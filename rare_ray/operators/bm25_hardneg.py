@@ -217,9 +217,9 @@ def _skip(
         return "above_margin"
     if same_source(hit.group, positive_group):
         return "same_source"
-    # Copying a text out of Java and reading it is most of the cost: only for hits that got
-    # this far, in one pass for both text filters.
-    text_hash, grams, shared = compare(hit.text, n, positive)
+    # Reading a text is most of the cost: only for hits that got this far, in one pass for
+    # both text filters, from its UTF-8 bytes (a view of the index's texts, not a string).
+    text_hash, grams, shared = compare(hit.utf8, n, positive)
     if text_hash in seen:
         return "same_text"
     if filters.near_duplicate is not None and (

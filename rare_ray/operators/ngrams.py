@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 Grams = npt.NDArray[np.uint64]
+Bytes = npt.NDArray[np.uint8]
 _NO_GRAMS: Grams = np.empty(0, np.uint64)
 
 
@@ -154,10 +155,11 @@ def text_print(text: str, n: int = 0) -> TextPrint:
     return TextPrint(int(text_hash), grams if n else _NO_GRAMS)
 
 
-def compare(text: str, n: int, other: TextPrint) -> tuple[int, int, int]:
+def compare(text: str | Bytes, n: int, other: TextPrint) -> tuple[int, int, int]:
     """``text``'s hash, how many distinct word ``n``-grams it has, and how many of those
-    ``other`` has: what the filters need of a candidate, in one pass."""
+    ``other`` has: what the filters need of a candidate, in one pass. ``text`` may be its
+    UTF-8 bytes already (``Hit.utf8``)."""
     _, kernel, _ = _kernels()
-    array = np.frombuffer(text.encode(), np.uint8)
+    array = np.frombuffer(text.encode(), np.uint8) if isinstance(text, str) else text
     text_hash, distinct, shared = kernel(array, n, other.lookup, other.has_zero)
     return int(text_hash), int(distinct), int(shared)
