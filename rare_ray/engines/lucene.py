@@ -44,7 +44,7 @@ class Hit:
     """A search hit; its text is read only when asked for. ``group`` is the document's group
     in an index built with groups, else None.
 
-    The text comes from the index's ``IndexTexts`` (``row`` there) when it has them, else from
+    The text comes from the index's ``IndexTexts`` when it has them (``locate``), else from
     ``scored``, Anserini's hit (a ``ScoredDoc``), whose Lucene document is read only with the
     text: handing a Java object to Python costs about 10 µs, and most of a query's ``depth``
     hits are never looked at (three of fifty per question with the default filters).
@@ -59,16 +59,19 @@ class Hit:
         text: str | None = None,
         scored: Any = None,
         group: str | None = None,
-        texts: IndexTexts | None = None,
-        row: int = -1,
     ):
         self.docid = docid
         self.score = score
         self.group = group
         self._text = text
         self._scored = scored
-        self._texts = texts if row >= 0 else None
-        self._row = row
+        self._texts: IndexTexts | None = None
+        self._row = -1
+
+    def locate(self, texts: IndexTexts, row: int) -> None:
+        """Read the text from ``texts``, at ``row`` (-1: not there, read it from Lucene)."""
+        if row >= 0:
+            self._texts, self._row = texts, row
 
     @property
     def text(self) -> str:
@@ -168,18 +171,18 @@ class LuceneSearcher:
         results = self._searcher.batch_search(
             java_list(queries), java_list(qids), int(depth), int(self.threads)
         )
-        found = [[(hit.docid, float(hit.score), hit) for hit in results.get(qid)] for qid in qids]
-        texts = self.texts
-        # Where each hit's text is in the texts' file: one lookup for the whole batch.
-        rows = iter(texts.rows([d for hits in found for d, _, _ in hits]).tolist() if texts else ())
-        out = []
-        for hits in found:
-            row_hits = []
-            for stored, score, scored in hits:
-                docid, group = split_docid(stored) if self.grouped else (stored, None)
-                row = next(rows, -1)
-                row_hits.append(Hit(docid, score, scored=scored, group=group, texts=texts, row=row))
-            out.append(row_hits)
+        out = [
+            [Hit(hit.docid, float(hit.score), scored=hit) for hit in results.get(qid)]
+            for qid in qids
+        ]
+        hits = [hit for query_hits in out for hit in query_hits]
+        if self.texts is not None:  # where each text is: one lookup for the whole batch
+            rows = self.texts.rows([hit.docid for hit in hits]).tolist()
+            for hit, row in zip(hits, rows, strict=True):
+                hit.locate(self.texts, row)
+        if self.grouped:
+            for hit in hits:
+                hit.docid, hit.group = split_docid(hit.docid)
         return out
 
     def close(self) -> None:
