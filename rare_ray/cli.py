@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)"
     )
     bm25.add_argument(
-        "--rounds", type=int, default=3, help="default and strict settings in turns, this often"
+        "--rounds",
+        type=int,
+        default=4,
+        help="default and strict settings in turns, this often (each first in half of them)",
     )
     bm25.add_argument(
         "--job",

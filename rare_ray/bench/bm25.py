@@ -11,9 +11,10 @@ For each corpus size, in one run and on the same queries:
 - their ratio per CPU (the target is at least 0.8);
 - the stage again with ``bm25.preset: strict`` (the filters against false negatives) on the
   same index and queries, and its query throughput over the default settings' (the target
-  is at least 0.9). The two run in turns, ``rounds`` times; the row gives the median of
-  each and the median of the rounds' ratios, since two runs of the same settings on a small
-  machine differ by more than the filters cost.
+  is at least 0.9). The two run in turns, ``rounds`` times, with the one that goes first
+  swapped every round; the row gives the median of each and the median of the rounds'
+  ratios, since two runs of the same settings on a small machine differ by more than the
+  filters cost.
 
 Corpora: the 1,000 PubMedQA abstracts, plus (for larger sizes) documents made from their
 sentences: document i takes 3 to 8 sentences drawn by ``random.Random(i)`` from the pool of all
@@ -119,10 +120,13 @@ def bench_size(size: int, config: BM25Config, repeats: int, rounds: int) -> Row:
     ds = ray.data.from_items(query_rows).materialize()
     strict = BM25HardNeg(config.model_copy(update={"preset": "strict", **STRICT_PRESET}))
     strict.use_index(index)
-    default_s, strict_s = [], []
-    for _ in range(rounds):
-        default_s.append(stage_seconds(op, ds, context))
-        strict_s.append(stage_seconds(strict, ds, context))
+    default_s: list[float] = []
+    strict_s: list[float] = []
+    for i in range(rounds):
+        # Every other round strict goes first: a machine that drifts (slower or faster over
+        # the minutes of a run) then favours neither setting.
+        for timed, times in [(op, default_s), (strict, strict_s)][:: 1 if i % 2 == 0 else -1]:
+            times.append(stage_seconds(timed, ds, context))
     ratio = statistics.median(d / s for d, s in zip(default_s, strict_s, strict=True))
     searchers = op.plan(ray.nodes()).total
     stage_cpus = searchers * max(config.cpus_per_searcher, config.threads_per_searcher)

@@ -111,8 +111,11 @@ class LuceneIndexHolder:
     ) -> IndexHandle:
         start = time.perf_counter()
         index_dir = self.workdir / "index"
-        writer = LuceneIndexWriter(index_dir, threads=self.threads, heap=self.heap)
-        # The texts beside the index (``engines.texts``), moved into it once Lucene is done.
+        # The texts go into Arrow files beside Lucene's (``engines.texts``), moved into the
+        # index once Lucene is done, and not into Lucene as well.
+        writer = LuceneIndexWriter(
+            index_dir, threads=self.threads, heap=self.heap, store_contents=False
+        )
         side = TextsWriter(self.workdir / "texts")
         # An order-independent digest of the corpus: the sum of per-document hashes.
         digest = 0
@@ -127,7 +130,7 @@ class LuceneIndexHolder:
         side.close()
         for name in (TEXTS_FILE, IDS_FILE):
             os.rename(side.index_dir / name, index_dir / name)
-        params = {**index_params(k1, b), "corpus_hash": f"{digest:064x}"}
+        params = {**index_params(k1, b), "corpus_hash": f"{digest:064x}", "texts": TEXTS_FILE}
         if group_column:  # ids in the index carry their groups (``grouped_docid``)
             params["group_key"] = group_column
         fingerprint = hashlib.sha256(

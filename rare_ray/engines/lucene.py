@@ -1,9 +1,10 @@
 """BM25 over a Lucene index, through Anserini's Java classes (as shipped in pyserini).
 
-The index stores each document's text (``-storeContents``), so a hit carries its text and the
-index doubles as the document store the searchers need. An index that rare-ray built also has
-its texts in an Arrow file (``rare_ray.engines.texts``), where a hit's text costs a slice
-instead of a trip through the JVM; either way nothing else has to travel with the index.
+A hit carries its document's text, so the index doubles as the document store the searchers
+need: nothing else has to travel with it. An index that rare-ray builds keeps its texts in
+Arrow files inside it (``rare_ray.engines.texts``), where a hit's text costs a slice instead of
+a trip through the JVM, and Lucene stores none; an index built by pyserini (or by Anserini's
+indexer with ``-storeContents``) gives them from Lucene.
 """
 
 from __future__ import annotations
@@ -98,12 +99,19 @@ class Hit:
 class LuceneIndexWriter:
     """Adds documents to a new Lucene index in ``index_dir``."""
 
-    def __init__(self, index_dir: str | Path, threads: int = 1, heap: str | None = None):
+    def __init__(
+        self,
+        index_dir: str | Path,
+        threads: int = 1,
+        heap: str | None = None,
+        store_contents: bool = True,
+    ):
         indexer = java_class("io.anserini.index.SimpleIndexer", heap)
         self._document = java_class("io.anserini.collection.JsonCollection$Document")
-        # Same arguments as Anserini's IndexCollection, plus -storeContents for the texts.
-        args = ["-index", str(index_dir), "-storeContents", "-input", "", "-collection",
-                "JsonCollection", "-threads", str(threads)]  # fmt: skip
+        # Same arguments as Anserini's IndexCollection; -storeContents keeps the texts in
+        # Lucene (compressed), for searchers that have no other copy of them.
+        args = ["-index", str(index_dir), "-input", "", "-collection", "JsonCollection",
+                "-threads", str(threads), *(["-storeContents"] if store_contents else [])]  # fmt: skip
         self._writer = indexer(args)
         self.count = 0
 
