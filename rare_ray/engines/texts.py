@@ -94,8 +94,8 @@ def _mapped(path: Path, column: str) -> list[pa.Array]:
 class IndexTexts:
     """The texts of an index, memory-mapped, found by the ids its hits carry.
 
-    Memory of its own: the hash table, 8 to 16 bytes a document (128 MiB at 10 million); the
-    ids and texts are pages of the files, shared by every searcher of the node.
+    Memory of its own: the hash table, 8-byte slots, two to four per document (256 MiB at 10
+    million); the ids and texts are pages of the files, shared by every searcher of the node.
     """
 
     def __init__(self, index_dir: str | Path):
