@@ -1,15 +1,17 @@
-"""The RARE job: ingest, then the stages in order (Doc2Query -> BM25HardNeg -> ReasonDistill),
-each checkpointed; then publishing and the manifest.
+"""The RARE job: ingest, then the stages (Doc2Query -> BM25HardNeg -> ReasonDistill), each
+checkpointed; then publishing and the manifest.
 
 The pipeline drives every stage through the ``Operator`` contract alone
-(``rare_ray.operators.base``): it checks their columns and settings before Ray starts, lets
+(``rare_ray.operators.base``): it checks their columns and settings before Ray starts, starts
+the LLM engines before ingest (once per run, shared by every stage that names them), lets
 every stage with work left ``prepare`` before the first runs (so BM25's index builds on CPUs
-while Doc2Query generates), then runs each stage's passes with ``rare_ray.runner``. Each stage
-reads the kept rows of the stage before it from Parquet and writes all of its own rows back,
-shard by shard (``rare_ray.io.checkpoints``), so an LLM stage has the cluster's accelerators to
-itself, a later stage never holds a reference into an earlier one's execution, and a rerun
-picks up at the first shard that was not committed. Any subset of the stages can run (in
-order), which is how each operator also runs alone; ``run_operators`` runs any operators.
+while Doc2Query generates), then runs the stages side by side with ``rare_ray.runner``: each
+reads the kept rows of the stage before it from Parquet as that stage commits them, shard by
+shard (``rare_ray.io.checkpoints``), and writes all of its own rows back, so BM25 searches
+while Doc2Query generates, a later stage never holds a reference into an earlier one's
+execution, and a rerun picks up at the first shard that was not committed. Any subset of the
+stages can run (in order), which is how each operator also runs alone; ``run_operators`` runs
+any operators.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from rare_ray.io.writers import OutputDir
 from rare_ray.operators import Operator, StageContext, build_operators
 from rare_ray.preflight import check_gpus
 from rare_ray.rows import kept
-from rare_ray.runner import Source, run_stage
+from rare_ray.runner import Source, run_stages
 from rare_ray.vocabulary import (
     ALL_STAGES,
     INGEST,
@@ -199,20 +201,20 @@ def run_operators(
         # (BM25's index) overlaps the stages before it and bad settings stop the run early.
         for op in pending:
             op.prepare(context)
-        for op in operators:
-            t = time.perf_counter()
-            ckpt.record_settings(op.name, settings[op.name])
-            source = run_stage(
+        timings.update(
+            run_stages(
                 ckpt,
-                op,
+                operators,
                 source,
                 context,
                 config.checkpoint.max_failed_batches,
                 # No part needs more rows than a shard holds; bigger bundles only hold back
                 # the commits of the shards they would hold (a killed run would redo them).
                 min(config.checkpoint.part_rows, config.checkpoint.shard_rows),
+                # A stage's settings are recorded as it starts, before it writes anything.
+                before_stage=lambda op: ckpt.record_settings(op.name, settings[op.name]),
             )
-            timings[op.name] = time.perf_counter() - t
+        )
         engines = _engine_report(context, started)
     finally:
         context.engines.close()

@@ -1,22 +1,40 @@
-"""Runs a stage pass by pass, each over the shards it has not committed yet.
+"""Runs the stages: each pass over the shards it has not committed yet, the stages side by side.
 
 The rows stream from the operator into part files, bundled up to ``checkpoint.part_rows`` rows
-each and written by Ray tasks (not one file per engine batch); the driver commits each shard as soon as all of its rows are on disk. When Ray gives up on a
-batch (an engine or searcher that kept dying, past its restarts and retries), Ray Data drops it,
-up to ``checkpoint.max_failed_batches`` of them; the rows it held are then written to the shard
-as rejects with the error, so the stage goes on and no row is lost.
+each and written by Ray tasks (not one file per engine batch); the driver commits each shard as
+soon as all of its rows are on disk. When Ray gives up on a batch (an engine or searcher that
+kept dying, past its restarts and retries), Ray Data drops it, up to
+``checkpoint.max_failed_batches`` of them; the rows it held are then written to the shard as
+rejects with the error, so the stage goes on and no row is lost.
+
+Side by side (``run_stages``). Every stage runs in a thread of the driver, with its own Ray Data
+execution, and reads the shards of the stage before it as that stage commits them
+(``ShardFeed``: the driver keeps their row counts, a small Ray actor, ``ShardBoard``, hands
+their files to the read tasks that wait for them). A stage on CPUs (BM25) follows the stage
+before it shard by shard, so it searches while Doc2Query still generates; a stage that
+generates on an engine an earlier stage also uses waits for the stage before it to finish
+(``whole``): the engine is busy either way, and an engine that serves one stage at a time
+finishes that stage's shards first, so a killed run leaves whole stages behind it. Each stage
+starts its execution once the stage before it has committed a shard, so its workers (clients
+on the engines, searchers with their index) start while that stage runs, not after it, and
+not while the engines themselves start. Commits and resume are as for one stage alone: a shard
+is committed once all its rows are written, and a stage's shard is only ever read once the
+stage before committed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import queue
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,33 +42,141 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from rare_ray.io.checkpoints import Checkpoints, Pass, ShardCommitter, write_parts
+from rare_ray.io.checkpoints import Checkpoints, Pass, Shard, ShardCommitter, write_parts
 from rare_ray.operators.base import Operator, StageContext
-from rare_ray.rows import ID, kept, rejected
-from rare_ray.vocabulary import StageError
+from rare_ray.rows import ID, SHARD, kept, rejected
+from rare_ray.vocabulary import EnginesLost, StageError
 
 Rows = Literal["kept", "rejected"]
 
 # Rows per read task of a stage's input.
 _READ_TASK_ROWS = 4096
+# Read tasks of a stage that follows the one before it shard by shard, waiting at once: each
+# holds a worker process while it waits (not a CPU: a task waiting in ``ray.get`` lends it).
+_WAITING_READS = 4
+# A shard's files and the rows it holds for the stage after it.
+Holding = tuple[list[str], int]
+
+
+class ShardBoard:
+    """Where the read tasks of a stage wait for the shards of the stage before it, while both
+    run (a Ray actor, async: every waiting read is a coroutine here, not a thread)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[int, list[str]]] = {}
+        self.complete: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.changed = asyncio.Condition()
+
+    async def post(self, stage: str, files: Mapping[int, list[str]], complete: bool) -> None:
+        async with self.changed:
+            self.files.setdefault(stage, {}).update(files)
+            if complete:
+                self.complete.add(stage)
+            self.changed.notify_all()
+
+    async def fail(self, stage: str, why: str) -> None:
+        async with self.changed:
+            self.failed[stage] = why
+            self.changed.notify_all()
+
+    async def wait(self, stage: str, shards: Sequence[int], whole: bool) -> list[str]:
+        """The files of ``shards`` of ``stage`` once it committed them all (``whole``: once it
+        finished)."""
+        async with self.changed:
+            while True:
+                if stage in self.failed:
+                    raise StageError(self.failed[stage])
+                have = self.files.get(stage, {})
+                if stage in self.complete or (not whole and all(k in have for k in shards)):
+                    return [f for k in shards for f in have.get(k, [])]
+                await self.changed.wait()
+
+
+class ShardFeed:
+    """A running stage's shards, as it commits them, for the stage after it.
+
+    The driver keeps each shard's rows (the next stage's committer needs them to know when a
+    shard of its own is whole) and posts its files to the board, in that order: a read task can
+    only get a shard's files once the driver knows its count.
+    """
+
+    def __init__(self, stage: str, planned: Mapping[int, int], board: Any):
+        self.stage = stage
+        # Every shard of the run, with the rows ingest kept in it: the most any stage holds.
+        self.planned = dict(planned)
+        self.shards = sorted(planned)
+        self.board = board
+        self._holding: dict[int, Holding] = {}
+        self._complete = False
+        self._error: str | None = None
+        self._changed = threading.Condition()
+
+    def post(self, shards: Mapping[int, Holding], complete: bool = False) -> None:
+        with self._changed:
+            self._holding.update(shards)
+            self._complete = self._complete or complete
+            self._changed.notify_all()
+        files = {k: files for k, (files, _) in shards.items()}
+        self.board.post.remote(self.stage, files, complete)
+
+    def fail(self, why: str) -> None:
+        with self._changed:
+            self._error = why
+            self._changed.notify_all()
+        self.board.fail.remote(self.stage, why)
+
+    def rows(self, shards: Iterable[int] | None = None) -> dict[int, int | None]:
+        """Rows per shard, of all or of ``shards`` (None: not committed yet)."""
+        with self._changed:
+            return {
+                k: self._holding[k][1] if k in self._holding else None
+                for k in (self.shards if shards is None else shards)
+            }
+
+    def files(self, shard: int) -> list[str]:
+        with self._changed:
+            return list(self._holding.get(shard, ([], 0))[0])
+
+    def wait_started(self) -> None:
+        """Until the stage has committed a shard or finished; raises if it failed."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._holding or self._complete or self._error)
+            if self._error is not None:
+                raise StageError(self._error)
 
 
 @dataclass(frozen=True)
 class Source:
     """Where a pass reads its rows: the kept rows of the stage before (or of ingest), or the
-    rows the pass before rejected."""
+    rows the pass before rejected. With a ``feed``, the stage before is still running: its
+    shards are read as it commits them (``whole``: once it has finished)."""
 
     passes: tuple[Pass, ...]
     rows: Rows
+    feed: ShardFeed | None = None
+    whole: bool = False
 
-    def expected(self) -> dict[int, int]:
-        """Rows per shard this source holds (from the commit records, not the files)."""
+    def expected(self) -> dict[int, int | None]:
+        """Rows per shard this source holds, from the commit records (not the files); None
+        for a shard the stage before has not committed yet."""
+        if self.feed is not None:
+            return self.feed.rows()
         return {k: rows for k, (_, rows) in self._shards().items()}
 
-    def _shards(self) -> dict[int, tuple[list[str], int]]:
+    def rows_of(self, shards: Iterable[int]) -> dict[int, int | None]:
+        """``expected`` of ``shards`` alone (a feed's in time proportional to them)."""
+        wanted = set(shards)
+        if not wanted:
+            return {}
+        if self.feed is not None:
+            return self.feed.rows(wanted)
+        return {k: n for k, n in self.expected().items() if k in wanted}
+
+    def _shards(self) -> dict[int, Holding]:
         """Each committed shard's files (in every pass) and the rows it holds for this source,
         from the commit records, each read once."""
-        shards: dict[int, tuple[list[str], int]] = {}
+        shards: dict[int, Holding] = {}
         for p in self.passes:
             for k, shard in p.committed().items():
                 files, rows = shards.get(k, ([], 0))
@@ -67,28 +193,73 @@ class Source:
         whole read when a node it ran on is lost, and prints a traceback into a successful run
         when it is cut short. A plain task that reads its files is retried like any other, and
         its input lives on the driver's node. Tasks of a few thousand rows, not one per shard:
-        each task costs a scheduling round and a block, whatever its size.
+        each task costs a scheduling round and a block, whatever its size. With a feed, each
+        task first waits for its shards (one shard a task when they come one by one).
         """
+        if self.feed is not None:
+            return self._read_as_committed(shards, self.feed)
         committed, wanted = self._shards(), set(shards)
-        tasks: list[list[str]] = [[]]
-        rows = 0
-        for k in sorted(wanted & committed.keys()):
-            files, n = committed[k]
-            if tasks[-1] and rows + n > _READ_TASK_ROWS:
-                tasks.append([])
-                rows = 0
-            tasks[-1].extend(files)
-            rows += n
-        items = [{"files": files} for files in tasks if files]
+        tasks = _runs(sorted(wanted & committed.keys()), {k: n for k, (_, n) in committed.items()})
+        items = [{"files": [f for k in run for f in committed[k][0]]} for run in tasks]
         read = functools.partial(_read_task, fs=self.passes[0].fs, rows=self.rows)
         return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             read, batch_size=1, batch_format="pyarrow"
         )
 
+    def _read_as_committed(self, shards: Iterable[int], feed: ShardFeed) -> ray.data.Dataset:
+        wanted = sorted(shards)
+        # All at once: runs as for a finished stage (sized by the most each shard can hold).
+        runs = _runs(wanted, feed.planned) if self.whole else [[k] for k in wanted]
+        items = [{"shards": run} for run in runs]
+        read = functools.partial(
+            _read_when_committed,
+            board=feed.board,
+            stage=feed.stage,
+            whole=self.whole,
+            fs=self.passes[0].fs,
+            rows=self.rows,
+        )
+        return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            read,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=min(_WAITING_READS, len(items)) or 1),
+        )
+
     def read_local(self, shard: int) -> pa.Table:
         """The shard's rows, read here (a shard is small): to find rows a failed batch held."""
+        if self.feed is not None:
+            return _read_files(self.feed.files(shard), self.passes[0].fs, self.rows)
         files, _ = self._shards().get(shard, ([], 0))
         return _read_files(files, self.passes[0].fs, self.rows)
+
+
+def _runs(
+    shards: Sequence[int], rows: Mapping[int, int], most: int = _READ_TASK_ROWS
+) -> list[list[int]]:
+    """``shards`` (in order) cut into runs of consecutive ones holding at most ``most`` rows
+    (a shard holding more is a run of its own)."""
+    runs: list[list[int]] = [[]]
+    total = 0
+    for k in shards:
+        if runs[-1] and total + rows[k] > most:
+            runs.append([])
+            total = 0
+        runs[-1].append(k)
+        total += rows[k]
+    return [run for run in runs if run]
+
+
+def _read_when_committed(
+    item: pa.Table, board: Any, stage: str, whole: bool, fs: pafs.FileSystem, rows: Rows
+) -> pa.Table:
+    """The rows of the shards ``item`` names, once the stage before has committed them."""
+    import ray
+
+    shards = item["shards"].to_pylist()[0]
+    files = ray.get(board.wait.remote(stage, shards, whole))
+    # No file: shards with no rows at all. An empty block passes Ray Data's UDFs untouched.
+    return _read_files(files, fs, rows) if files else pa.table({})
 
 
 def _read_task(item: pa.Table, fs: pafs.FileSystem, rows: Rows) -> pa.Table:
@@ -107,6 +278,82 @@ def _pick(batch: pa.Table, rows: Rows) -> pa.Table:
     return kept(batch) if rows == "kept" else rejected(batch)
 
 
+def run_stages(
+    ckpt: Checkpoints,
+    operators: Sequence[Operator],
+    source: Source,
+    context: StageContext,
+    max_failed_batches: int,
+    part_rows: int | None = None,
+    before_stage: Callable[[Operator], None] | None = None,
+) -> dict[str, float]:
+    """Runs ``operators`` in order over ``source`` (ingest's kept rows), side by side (see the
+    module's doc); returns each stage's seconds (they overlap). ``before_stage`` is called in
+    a stage's thread before it starts. The first stage to fail stops the run: the others' reads
+    stop waiting, and the error is raised here."""
+    import ray
+
+    board: Any = ray.remote(ShardBoard).options(num_cpus=0).remote()
+    planned = {k: n or 0 for k, n in source.expected().items()}
+    feeds = [ShardFeed(op.name, planned, board) for op in operators]
+    seconds: dict[str, float] = {}
+    finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
+
+    def run_one(op: Operator, reads: Source, feed: ShardFeed, upstream: ShardFeed | None) -> None:
+        try:
+            if upstream is not None and not ckpt.pass_of(op.name, op.passes).complete():
+                upstream.wait_started()
+            if before_stage is not None:
+                before_stage(op)
+            start = time.perf_counter()
+            run_stage(ckpt, op, reads, context, max_failed_batches, part_rows, feed)
+            seconds[op.name] = time.perf_counter() - start
+            finished.put((op.name, None))
+        except BaseException as e:  # reported to the driver's main thread, raised there
+            finished.put((op.name, e))
+
+    threads: list[threading.Thread] = []
+    engines_before: set[str] = set()
+    reads, upstream = source, None
+    for i, (op, feed) in enumerate(zip(operators, feeds, strict=True)):
+        engines = {engine.model_dump_json() for engine in op.engines}
+        if i > 0:
+            before = operators[i - 1]
+            passes = tuple(ckpt.passes(before.name, before.passes))
+            whole = bool(engines & engines_before)
+            reads, upstream = Source(passes, "kept", feed=feeds[i - 1], whole=whole), feeds[i - 1]
+        engines_before |= engines
+        # Daemon threads: a stage left running after another failed must not hold the exit.
+        args = (op, reads, feed, upstream)
+        threads.append(threading.Thread(target=run_one, args=args, daemon=True))
+    for thread in threads:
+        thread.start()
+    running = {op.name for op in operators}
+    try:
+        while running:
+            name, error = finished.get()
+            running.discard(name)
+            if error is not None:
+                raise error
+    except BaseException as e:
+        for feed in feeds:
+            feed.fail(f"stage {feed.stage} stopped: the run stopped ({type(e).__name__})")
+        if isinstance(e, EnginesLost):  # raised in this thread, by the engines' watchdog
+            committed = ", ".join(
+                f"{op.name} {len(ckpt.pass_of(op.name, op.passes).committed())} of {len(planned)}"
+                for op in operators
+                if op.name in running
+            )
+            raise EnginesLost(
+                f"{e}\n{committed}: those shards were committed; rerun the same command to "
+                "resume from there."
+            ) from e
+        raise
+    finally:
+        ray.kill(board)
+    return {op.name: seconds[op.name] for op in operators}
+
+
 def run_stage(
     ckpt: Checkpoints,
     op: Operator,
@@ -114,9 +361,11 @@ def run_stage(
     context: StageContext,
     max_failed_batches: int,
     part_rows: int | None = None,
+    feed: ShardFeed | None = None,
 ) -> Source:
     """Runs every pass of ``op`` that is not complete; returns where the next stage reads.
-    ``part_rows``: see ``run_pass``."""
+    ``part_rows``: see ``run_pass``. ``feed`` hears of the stage's shards: each as it is
+    committed (a stage of one pass), all of them once the stage is complete."""
     start = time.perf_counter()
     for attempt in range(1, op.passes + 1):
         step = ckpt.pass_of(op.name, attempt)
@@ -126,7 +375,10 @@ def run_stage(
         else:
             context.log(f"{label}: starting ({op.resources.describe()})")
             process = functools.partial(op.run_pass, attempt=attempt, context=context)
-            done = run_pass(step, source, process, op, max_failed_batches, part_rows)
+            on_commit = None
+            if feed is not None and op.passes == 1:  # else a shard is final after the last pass
+                on_commit = functools.partial(_post_shard, feed, step)
+            done = run_pass(step, source, process, op, max_failed_batches, part_rows, on_commit)
             failed = done["failed_rows"]
             context.log(
                 f"{label}: {done['rows']} rows in {done['run']} shards, "
@@ -139,7 +391,14 @@ def run_stage(
         f"stage {op.name}: {counts['out']} kept, {counts['rejected']} rejected "
         f"({time.perf_counter() - start:.1f} s)"
     )
-    return Source(tuple(ckpt.passes(op.name, op.passes)), "kept")
+    final = Source(tuple(ckpt.passes(op.name, op.passes)), "kept")
+    if feed is not None:
+        feed.post(final._shards(), complete=True)
+    return final
+
+
+def _post_shard(feed: ShardFeed, step: Pass, shard: int, record: Shard) -> None:
+    feed.post({shard: ([f"{step.path}/{name}" for name in record.files], record.kept)})
 
 
 def run_pass(
@@ -149,20 +408,25 @@ def run_pass(
     op: Operator,
     max_failed_batches: int,
     part_rows: int | None = None,
+    on_commit: Callable[[int, Shard], None] | None = None,
 ) -> dict[str, int]:
     """Runs ``process`` over the shards ``step`` has not committed; commits the pass.
 
     Rows are written in parts of about ``part_rows`` rows, bundled from the operator's
     batches by Ray Data; None writes each batch as it comes, in the task that made it.
+    ``on_commit`` hears of each shard committed, those committed before included.
 
     Returns what it did: shards skipped (committed earlier) and run, the rows run, and the
     rows rejected because their batch failed.
     """
     step.clear_uncommitted()
     done = step.committed()
+    if on_commit is not None:
+        for k, record in done.items():
+            on_commit(k, record)
     pending = {k: n for k, n in source.expected().items() if k not in done}
-    committer = ShardCommitter(step, pending)
-    todo = sorted(k for k, n in pending.items() if n > 0)
+    committer = ShardCommitter(step, pending, on_commit)
+    todo = sorted(k for k, n in pending.items() if n is None or n > 0)
     failed_rows = 0
     if todo:
         written = process(source.read(todo)).map_batches(
@@ -173,8 +437,11 @@ def run_pass(
         written.context.max_errored_blocks = max_failed_batches
         with _failed_batches() as errors:
             try:
-                for parts in written.iter_batches(batch_format="pyarrow", batch_size=None):
-                    committer.add(parts)
+                for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
+                    parts = cast(pa.Table, batch)
+                    if parts.num_rows:
+                        _learn_counts(committer, source, parts)
+                        committer.add(parts)
             except Exception as e:
                 first_line = (str(e).strip().splitlines() or [""])[0][:500]
                 raise StageError(
@@ -182,6 +449,8 @@ def run_pass(
                     f"{len(committer.committed)} of {len(pending)} shards were committed; rerun "
                     "the same command to resume from there."
                 ) from e
+        # Every read got its shards, so the stage before has committed them: all counts known.
+        _learn_counts(committer, source)
         reason = f"{op.name}: the batch holding this row failed after its retries" + (
             f" ({errors[-1]})" if errors else ""
         )
@@ -193,9 +462,19 @@ def run_pass(
     return {
         "skipped": len(done),
         "run": len(pending),
-        "rows": sum(pending.values()),
+        "rows": sum(n or 0 for n in committer.expected.values()),
         "failed_rows": failed_rows,
     }
+
+
+def _learn_counts(committer: ShardCommitter, source: Source, parts: pa.Table | None = None) -> None:
+    """Tells ``committer`` the rows of the shards whose counts it lacks (of ``parts``' shards,
+    or of all), from the stage before, which has committed them."""
+    unknown = {k for k, n in committer.expected.items() if n is None}
+    if parts is not None:
+        unknown &= set(parts[SHARD].to_pylist())
+    for k, n in source.rows_of(unknown).items():
+        committer.expect(k, n)
 
 
 def _reject_unwritten(

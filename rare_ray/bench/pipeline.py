@@ -13,10 +13,11 @@ actor and engine starts, as a user's run does). For each run it reports:
   time. The bare time is measured after the run, on this machine, with nothing else running:
   bare vLLM (``vllm.LLM.chat`` in a process of its own, with the stage's engine arguments, as
   ``rare-ray bench llm`` runs it) on the Doc2Query prompts of the run's documents (one ask
-  each) and on the ReasonDistill prompts of the rows it published, plus plain pyserini
-  ``batch_search`` (Anserini's, with as many threads as the stage had CPUs, in a process of
-  its own) for their questions, on the index the run wrote. Engine starts and index builds are not in the bare time: they are what the job
-  has to hide.
+  each), on the ReasonDistill prompts of the rows it published and, when the config verifies
+  answers, on AnswerVerify's prompts for those rows whose reasoning finished (the ones it
+  asks about), plus plain pyserini ``batch_search`` (Anserini's, with as many threads as the
+  stage had CPUs, in a process of its own) for their questions, on the index the run wrote.
+  Engine starts and index builds are not in the bare time: they are what the job has to hide.
 
 ``--baseline-tree PATH`` also runs every size with the code of another checkout (for example
 the revision before a change: ``git worktree add /tmp/base <rev>``), as ``rare-ray run`` in a
@@ -41,8 +42,10 @@ import yaml
 
 from rare_ray.bench.common import engine_starts
 from rare_ray.config import RunConfig, VLLMEngineConfig
+from rare_ray.vocabulary import ALL_STAGES, INGEST
 
-STAGES = ("ingest", "doc2query", "bm25", "distill", "publish")
+# The manifest timings the table shows.
+TIMED = (INGEST, *ALL_STAGES, "publish")
 
 
 @dataclass
@@ -52,10 +55,12 @@ class Bare:
     doc2query_s: float
     bm25_s: float
     distill_s: float
+    # AnswerVerify's asks (the rows whose reasoning finished), when the config runs it.
+    verify_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.doc2query_s + self.bm25_s + self.distill_s
+        return self.doc2query_s + self.bm25_s + self.distill_s + self.verify_s
 
 
 @dataclass
@@ -83,7 +88,7 @@ class SizeResult:
             f"{self.docs:,}",
             f"{self.engine_starts}",
             _fmt(self.first_token_s),
-            *(f"{s.get(stage, 0):.1f}" for stage in STAGES),
+            *(f"{s.get(stage, 0):.1f}" for stage in TIMED),
             f"{self.wall_s:.1f}",
             f"{1000 * self.wall_s / self.docs:.0f}",
             _fmt(self.bare.total_s if self.bare else None),
@@ -95,9 +100,9 @@ class SizeResult:
 
 HEADER = (
     "| code | docs | engine starts | first token (s) | ingest (s) | doc2query (s) | bm25 (s) "
-    "| distill (s) | publish (s) | job wall (s) | ms/doc | bare engines (s) "
+    "| distill (s) | verify (s) | publish (s) | job wall (s) | ms/doc | bare engines (s) "
     "| whole-job efficiency | engine busy fraction |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -226,7 +231,13 @@ def bare_time(config: RunConfig) -> Bare:
     from rare_ray.bench.bm25 import plain_search_s_apart
     from rare_ray.bench.llm import bare_engine_kwargs, requests, run_bare
     from rare_ray.io.readers import read_documents
-    from rare_ray.operators import BM25HardNeg, Doc2Query, ReasonDistill
+    from rare_ray.operators import (
+        AnswerVerify,
+        BM25HardNeg,
+        Doc2Query,
+        ReasonDistill,
+        build_operators,
+    )
     from rare_ray.pipeline import init_ray
 
     engine = config.engine
@@ -255,7 +266,16 @@ def bare_time(config: RunConfig) -> Bare:
     distill = ReasonDistill(engine, config.distill, seed=config.seed)
     d2q_side = run_bare(engine.model, kwargs, requests(doc_rows, d2q.render, engine.model), env)
     distill_side = run_bare(engine.model, kwargs, requests(rows, distill.render, engine.model), env)
-    return Bare(d2q_side.generate_s, bm25_s, distill_side.generate_s)
+    verify_s = 0.0
+    verify = next((op for op in build_operators(config, ALL_STAGES) if op.name == "verify"), None)
+    if isinstance(verify, AnswerVerify):  # the rows it asks about: the finished answers
+        asked = [r for r in rows if verify.decided(r) is None]
+        if asked:
+            verify_side = run_bare(
+                engine.model, kwargs, requests(asked, verify.render, engine.model), env
+            )
+            verify_s = verify_side.generate_s
+    return Bare(d2q_side.generate_s, bm25_s, distill_side.generate_s, verify_s)
 
 
 def main(

@@ -30,7 +30,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -236,16 +236,33 @@ class Pass:
 
 
 class ShardCommitter:
-    """Counts the rows written per shard, and commits each shard once it has all of its rows."""
+    """Counts the rows written per shard, and commits each shard once it has all of its rows.
 
-    def __init__(self, step: Pass, expected: Mapping[int, int]):
+    ``expected`` gives each shard's rows, or None for a shard whose count is not known yet
+    (the stage before, running beside this one, has not committed it): ``expect`` gives it
+    once it is. ``on_commit`` hears of every shard committed, the empty ones too.
+    """
+
+    def __init__(
+        self,
+        step: Pass,
+        expected: Mapping[int, int | None],
+        on_commit: Callable[[int, Shard], None] | None = None,
+    ):
         self.step = step
-        self.expected = dict(expected)
+        self.on_commit = on_commit
+        self.expected: dict[int, int | None] = {}
         self.written: dict[int, Shard] = {k: Shard() for k in expected}
         self.committed: set[int] = set()
-        # A shard with no rows here (a re-ask pass's shard that had no failures) costs no
-        # request: the pass's record lists it when the pass is committed.
-        self.committed = {k for k, n in self.expected.items() if n == 0}
+        for k, n in expected.items():
+            self.expect(k, n)
+
+    def expect(self, shard: int, rows: int | None) -> None:
+        """``shard`` holds ``rows`` rows in all: it is committed once they are written (at once
+        when there are none: a shard with no rows here, say a re-ask pass's shard that had no
+        failures, costs no request; the pass's record lists it)."""
+        self.expected[shard] = rows
+        self._check(shard)
 
     def add(self, parts: pa.Table) -> None:
         for shard, name, kept, rejected, counters in zip(
@@ -256,23 +273,33 @@ class ShardCommitter:
             record.kept += kept
             record.rejected += rejected
             record.add_counters(json.loads(counters))
-            if record.rows > self.expected[shard]:
-                raise ResumeError(
-                    f"{self.step.path}/{shard_dir(shard)}: {record.rows} rows written, but the "
-                    f"shard has {self.expected[shard]}: a row was written twice"
-                )
-            if record.rows == self.expected[shard]:
-                self._commit(shard)
+            self._check(shard)
 
-    def _commit(self, shard: int) -> None:
-        self.step.commit_shard(shard, self.written[shard])
+    def _check(self, shard: int) -> None:
+        """Commits ``shard`` if it has all of its rows."""
+        expected, written = self.expected[shard], self.written[shard].rows
+        if expected is None:
+            return
+        if written > expected:
+            raise ResumeError(
+                f"{self.step.path}/{shard_dir(shard)}: {written} rows written, but the "
+                f"shard has {expected}: a row was written twice"
+            )
+        if written == expected and shard not in self.committed:
+            self._commit(shard, record=expected > 0)
+
+    def _commit(self, shard: int, record: bool = True) -> None:
+        if record:
+            self.step.commit_shard(shard, self.written[shard])
         self.committed.add(shard)
+        if self.on_commit is not None:
+            self.on_commit(shard, self.written[shard])
 
-    def short(self) -> dict[int, int]:
-        """Shards still missing rows, and how many each misses."""
+    def short(self) -> dict[int, int | None]:
+        """Shards still missing rows, and how many each misses (None: count not known)."""
         return {
-            k: self.expected[k] - self.written[k].rows
-            for k in self.expected
+            k: None if n is None else n - self.written[k].rows
+            for k, n in self.expected.items()
             if k not in self.committed
         }
 

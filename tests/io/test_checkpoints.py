@@ -64,6 +64,26 @@ def test_a_shard_commits_when_its_last_row_is_written_and_never_twice(tmp_path):
     assert set(step.committed()) == {0, 1, 2} and step.committed()[2].rows == 0
 
 
+def test_a_shard_whose_count_comes_later_commits_once_it_is_known_and_whole(tmp_path):
+    """A stage beside the one before it learns a shard's count when that stage commits it."""
+    fs = pafs.LocalFileSystem()
+    step = Pass(fs, str(tmp_path / "stage"))
+    heard: list[tuple[int, int]] = []
+    committer = ShardCommitter(step, {0: None, 1: None}, lambda k, s: heard.append((k, s.rows)))
+    committer.add(write_parts(_rows(["a", "b"], 0), step.path, fs))
+    assert not committer.committed and committer.short() == {0: None, 1: None}
+    committer.expect(0, 3)  # one row to come
+    assert not committer.committed and committer.short() == {0: 1, 1: None}
+    committer.add(write_parts(_rows(["c"], 0), step.path, fs))
+    committer.expect(1, 0)  # the stage before kept nothing of shard 1
+    assert committer.committed == {0, 1} and heard == [(0, 3), (1, 0)]
+    assert set(step.committed()) == {0}  # the empty one costs no request
+    late = ShardCommitter(step, {2: None})
+    late.add(write_parts(_rows(["d", "e"], 2), step.path, fs))
+    with pytest.raises(ResumeError, match="written twice"):
+        late.expect(2, 1)
+
+
 def test_uncommitted_shards_are_cleared_and_committed_ones_kept(tmp_path):
     fs = pafs.LocalFileSystem()
     step = Pass(fs, str(tmp_path / "stage"))
