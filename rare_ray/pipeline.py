@@ -157,8 +157,6 @@ def run_operators(
         return done
 
     init_ray(config.ray)
-    if config.limit is not None:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
     timings: dict[str, float] = {}
 
     ingest = ckpt.pass_of(INGEST)

@@ -100,14 +100,17 @@ def engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
     }
 
 
-def sampling_params(params: dict[str, Any]) -> Any:
+def sampling_params(params: dict[str, Any], final_only: bool = False) -> Any:
     """vLLM ``SamplingParams`` from an operator's sampling dict (``json_schema_sampling``'s
-    ``structured_outputs`` included)."""
+    ``structured_outputs`` included). ``final_only``: the engine hands back the finished
+    answer alone, not the answer so far after every step."""
     import vllm
-    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     params = dict(params)
     constraint = params.pop("structured_outputs", None)
+    if final_only:
+        params["output_kind"] = RequestOutputKind.FINAL_ONLY
     return vllm.SamplingParams(
         **params, structured_outputs=StructuredOutputsParams(**constraint) if constraint else None
     )
@@ -137,6 +140,7 @@ class EngineReplica:
         }
         self._running = 0
         self._busy_since = 0.0
+        self._watching = False  # a request streams its tokens to see the first one
 
     async def generate(
         self, prompts: Sequence[Sequence[int]], sampling: Sequence[dict[str, Any]]
@@ -152,13 +156,19 @@ class EngineReplica:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        # Only the finished answer comes back, not the answer so far after every step: with
+        # hundreds of requests running, waking each one's generator per step costs this
+        # process more than the engine's own scheduling. The replica's first request alone
+        # streams, so that its first token, the engine's first, is seen.
+        watch_first = self.stats["first_token_at"] is None and not self._watching
+        self._watching = self._watching or watch_first
         self._enter()
         try:
             final = None
             async for out in self.engine.generate(
                 request_id=uuid.uuid4().hex,
                 prompt=TokensPrompt(prompt_token_ids=list(prompt)),
-                sampling_params=sampling_params(sampling),
+                sampling_params=sampling_params(sampling, final_only=not watch_first),
             ):
                 now = time.time()
                 self.stats["first_token_at"] = self.stats["first_token_at"] or now

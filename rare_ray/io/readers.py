@@ -214,6 +214,8 @@ def read_documents(
         # One file per call: its lines are numbered within it.
         ds = ds.map_batches(normalize.json_files, batch_size=1, batch_format="pyarrow")
     if limit is not None:  # materialized: the two reads below must see the same rows
+        # The first ``limit`` rows in the input's order; nothing after this read needs order.
+        ds.context.execution_options.preserve_order = True
         ds = ds.limit(limit).materialize()
     # Only ids and positions travel in the shuffle that finds repeated ids; the documents'
     # texts stay where they are read, and are read a second time instead. A shuffle partition

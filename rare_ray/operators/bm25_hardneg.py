@@ -40,9 +40,6 @@ from rare_ray.rows import ID
 from rare_ray.vocabulary import ColumnKind, SettingsError
 
 SEARCH_LOG = "search.log"
-# Rows per block handed to a searcher, in batches: enough to keep a searcher busy between
-# hand-offs, few enough that every searcher gets blocks and a lost one costs little.
-BATCHES_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -426,11 +423,12 @@ class BM25HardNeg(Operator):
         index = self.wait_for_index(context)
         self._plan = plan = self.plan(ray.nodes())  # again: nodes may have come or gone since
         cfg = self.config
-        # Blocks of a few batches: Ray Data hands a searcher whole blocks, and a read of small
-        # checkpoint files comes back as one block per ~128 MiB, so that without this one
-        # searcher would search a whole stage's rows alone, and a lost node would take all of
-        # them with it.
-        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK)
+        # Blocks of one batch: Ray Data hands a searcher whole blocks (several in flight), and
+        # a stage's input comes in blocks of up to a few thousand rows, so that without this
+        # one searcher would search a whole read's rows alone, and a lost node would take all
+        # of them with it. Not bigger: beside Doc2Query the blocks come a shard at a time, and
+        # a block waits for its rows.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
         return ds.map_batches(
             _HardNegativeMiner,
             fn_constructor_kwargs={"index": index, "operator": self, "heap": plan.heap},
