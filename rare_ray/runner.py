@@ -51,8 +51,8 @@ Rows = Literal["kept", "rejected"]
 
 # Rows per read task of a stage's input.
 _READ_TASK_ROWS = 4096
-# Read tasks of a stage that follows the one before it shard by shard, waiting at once: each
-# holds a worker process while it waits (not a CPU: a task waiting in ``ray.get`` lends it).
+# Read tasks of a stage that follows the one before it, waiting at once: each holds a worker
+# process while it waits (and no CPU, see ``Source._read_as_committed``).
 _WAITING_READS = 4
 # A shard's files and the rows it holds for the stage after it.
 Holding = tuple[list[str], int]
@@ -219,10 +219,14 @@ class Source:
             fs=self.passes[0].fs,
             rows=self.rows,
         )
+        # No CPU: a read mostly waits, and Ray Data counts a task's CPU against every other
+        # execution's budget while it waits, so that waiting reads with a CPU each would
+        # starve the running stage's writers.
         return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             read,
             batch_size=1,
             batch_format="pyarrow",
+            num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=min(_WAITING_READS, len(items)) or 1),
         )
 

@@ -22,8 +22,10 @@ actor and engine starts, as a user's run does). For each run it reports:
 ``--baseline-tree PATH`` also runs every size with the code of another checkout (for example
 the revision before a change: ``git worktree add /tmp/base <rev>``), as ``rare-ray run`` in a
 process of its own, so that a before/after table comes from one bench run on one machine; its
-engine starts are read from its rows (one per Doc2Query pass that ran, one for ReasonDistill:
-the engines that revision started), and its efficiency uses the same bare time.
+engine starts, first token and busy fraction come from its manifest's ``engines`` (a revision
+older than the run's own engines has none: its starts are read from its rows, one per
+Doc2Query pass that ran and one for ReasonDistill), and its efficiency uses the same bare
+time.
 """
 
 from __future__ import annotations
@@ -172,7 +174,11 @@ def run_baseline(config: RunConfig, docs: int, output_root: Path, tree: Path) ->
     )
     wall = time.perf_counter() - start
     manifest = json.loads((Path(out) / "manifest.json").read_text())
-    return _result(str(tree), docs, manifest, wall, _passes_started(Path(out)), [])
+    # A revision whose run owns its engines reports them (a replica each); an older one
+    # started one per pass.
+    engines = manifest.get("engines", [])
+    starts = len(engines) if engines else _passes_started(Path(out))
+    return _result(str(tree), docs, manifest, wall, starts, engines)
 
 
 def _passes_started(out: Path) -> int:
