@@ -104,8 +104,7 @@ class ShardFeed:
     def __init__(self, stage: str, planned: Mapping[int, int], board: Any):
         self.stage = stage
         # Every shard of the run, with the rows ingest kept in it: the most any stage holds.
-        self.planned = dict(planned)
-        self.shards = sorted(planned)
+        self.planned = dict(sorted(planned.items()))
         self.board = board
         self._holding: dict[int, Holding] = {}
         self._complete = False
@@ -131,7 +130,7 @@ class ShardFeed:
         with self._changed:
             return {
                 k: self._holding[k][1] if k in self._holding else None
-                for k in (self.shards if shards is None else shards)
+                for k in (self.planned if shards is None else shards)
             }
 
     def files(self, shard: int) -> list[str]:
