@@ -438,7 +438,10 @@ def run_pass(
             batch_size=part_rows,
         )
         written.context.max_errored_blocks = max_failed_batches
-        with _failed_batches() as errors:
+        # Named after the stage: Ray Data's logs and metrics say which stage's execution they
+        # are about, and the errors collected below are this execution's alone.
+        written.set_name(op.name)
+        with _failed_batches(op.name) as errors:
             try:
                 for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
                     parts = cast(pa.Table, batch)
@@ -514,12 +517,20 @@ def batch_error(e: BaseException) -> str:
 
 
 @contextmanager
-def _failed_batches() -> Iterator[list[str]]:
-    """Collects the errors of the batches Ray Data gives up on (``max_errored_blocks``)."""
+def _failed_batches(dataset_name: str) -> Iterator[list[str]]:
+    """Collects the errors of the batches Ray Data gives up on (``max_errored_blocks``) in the
+    execution of the Dataset named ``dataset_name``.
+
+    Ray Data logs them from the thread of that execution, which Ray 2.60 names
+    ``StreamingExecutor-<name>_<id>_<run>``; the stages beside it log theirs from their own.
+    """
     errors: list[str] = []
+    thread = re.compile(rf"StreamingExecutor-{re.escape(dataset_name)}_[0-9A-Za-z]+_\d+")
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            if not thread.fullmatch(record.threadName or ""):
+                return
             if record.exc_info and record.exc_info[1] is not None:
                 errors.append(batch_error(record.exc_info[1]))
 

@@ -76,6 +76,14 @@ logger = logging.getLogger("rare_ray")
 REPLICA_CLASS = "EngineReplica"
 # How often the driver reads its replicas' states (the watchdog of "No node left").
 WATCH_INTERVAL_S = 5.0
+# Ray starts its worker processes at niceness 15 (``worker_niceness``), below the driver, the
+# raylet and the GCS, and every engine would inherit it: its scheduler, the structured-output
+# grammar and (on a CPU) its compute then yield to any Ray Data bookkeeping in the driver,
+# and rank equal with BM25's searchers and every other task on the node. The engines are the
+# run's critical path, so their processes start at the driver's priority instead, the way
+# Ray's own job supervisor starts a job's driver; everything else keeps Ray's 15 and takes
+# what the engines leave. Measured by ``rare-ray bench pipeline`` (BENCHMARKS.md).
+ENGINE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 def engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
@@ -127,16 +135,19 @@ class EngineReplica:
         started = time.time()  # importing vLLM is part of an engine's start
         import vllm
 
+        imported = time.time()
         self.engine = vllm.AsyncLLMEngine.from_engine_args(
             vllm.AsyncEngineArgs(model=model, **kwargs)
         )
         self.stats: dict[str, Any] = {
             "start_s": time.time() - started,
+            "import_s": imported - started,  # of start_s, this process importing vLLM
             "ready_at": time.time(),
             "first_token_at": None,
             "last_token_at": None,
             "busy_s": 0.0,
             "requests": 0,
+            "niceness": os.nice(0),  # its processes' CPU priority (ENGINE_RUNTIME_ENV)
         }
         self._running = 0
         self._busy_since = 0.0
@@ -231,6 +242,8 @@ class VLLMPool:
             "max_task_retries": -1,  # bounded by max_restarts (see the module's "Restarts")
             # Requests of every batch in flight at once, plus the bench's report calls.
             "max_concurrency": 1000,
+            # Merged with the job's runtime env (Ray merges env_vars key by key).
+            "runtime_env": ENGINE_RUNTIME_ENV,
         }
         parallel = engine.tensor_parallel_size * engine.pipeline_parallel_size
         for _ in range(engine.replicas):

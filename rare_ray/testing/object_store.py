@@ -201,9 +201,11 @@ def running_s3_server(directory: Path, bucket: str = "rare-ray-tests") -> Iterat
         # Its unix sockets default to /tmp/seaweedfs-*-<port>.sock, left behind by a kill.
         f"-filer.localSocket={directory / 'filer.sock'}",
         f"-s3.localSocket={directory / 's3.sock'}",
-        # Each bucket is a collection that reserves volumes: small ones, and enough of them.
+        # Each bucket is a collection that reserves volumes: small ones, and as many as the
+        # disk holds (0: free space / volume size). A fixed count capped the store itself:
+        # 100 volumes of 64 MB ran out at 6 GB, in the overhead bench's last stage at 1M rows.
         "-master.volumeSizeLimitMB=64",
-        "-volume.max=100",
+        "-volume.max=0",
         "-master.telemetry=false",
         f"-metricsPort={metrics}",
         "-metricsIp=127.0.0.1",
