@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -115,7 +116,7 @@ def _own_processes(marker: str) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+def ray_head() -> Iterator[tuple[str, dict[str, str], Path]]:
     # A short path: Ray's unix sockets live under it.
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     dashboard = _free_port()
@@ -137,7 +138,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     ]  # fmt: skip
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield f"http://127.0.0.1:{dashboard}", env, Path(temp_dir)
     finally:
         processes = _own_processes(temp_dir)
         for p in processes:
@@ -148,13 +149,26 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _dead_workers(log: str, ray_temp: Path) -> str:
+    """Who the workers were whose deaths the raylet reported in ``log``, from the head's logs
+    (which go with the fixture): their task or actor and the end of their output."""
+    logs = ray_temp / "session_latest" / "logs"
+    found = []
+    for pid in sorted(set(re.findall(r"Worker PID: (\d+)", log))):
+        for path in sorted(logs.glob(f"worker-*-{pid}.*")) + sorted(logs.glob(f"*_{pid}.log")):
+            lines = path.read_text(errors="replace").splitlines()
+            named = [line for line in lines if line.startswith((":actor_name:", ":task_name:"))]
+            found.append(f"--- {path.name}\n" + "\n".join(named[:3] + lines[-15:]))
+    return "\n".join(found)
+
+
 def _read(path: Path) -> list[dict]:
     return pads.dataset(path, format="parquet", partitioning="hive").to_table().to_pylist()
 
 
 @pytest.fixture(scope="module")
 def run(ray_head, tmp_path_factory, test_model) -> dict:
-    address, env = ray_head
+    address, env, ray_temp = ray_head
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = tmp / "corpus.jsonl"
     corpus.write_bytes(b"\n".join(LINES[n][0] for n in sorted(LINES)))  # no final newline
@@ -183,6 +197,7 @@ def run(ray_head, tmp_path_factory, test_model) -> dict:
         "corpus": corpus,
         "out": out,
         "log": log,
+        "dead_workers": _dead_workers(log, ray_temp),
         "manifest": json.loads((out / "manifest.json").read_text()),
         "data": _read(out / "data"),
         "rejects": _read(out / "rejects"),
@@ -381,7 +396,8 @@ def test_one_engine_served_both_llm_stages_and_every_reask_and_the_log_reads_cle
     noise = ("EngineDeadError", "ERROR", "Traceback")
     lines = run["log"].splitlines()
     loud = [n for n, line in enumerate(lines) if any(word in line for word in noise)]
-    assert not loud, "\n".join(lines[loud[0] : loud[0] + 40])  # the first one, whole
+    first = "\n".join(lines[loud[0] : loud[0] + 40]) if loud else ""  # the first one, whole
+    assert not loud, f"{first}\n{run['dead_workers']}"
 
 
 # ---------------------------------------------------------------------------------------------
