@@ -392,6 +392,8 @@ def test_one_engine_served_both_llm_stages_and_every_reask_and_the_log_reads_cle
     assert 0 < engine["first_token_after_s"] <= engine["last_token_after_s"]
     # The engine ran at the driver's CPU priority, not at the niceness of Ray's other workers.
     assert engine["niceness"] == os.nice(0)
+    # On a CPU the engine core runs the model itself: no third process beside it.
+    assert engine["processes"] == ["VLLM::EngineCore"]
     # The engine was shut down before its actor went: no vLLM error at the end of the run.
     noise = ("EngineDeadError", "ERROR", "Traceback")
     lines = run["log"].splitlines()
