@@ -21,6 +21,7 @@ import yaml
 
 from rare_ray.cli import STAGE_COMMANDS, build_parser
 from rare_ray.config import RunConfig
+from rare_ray.engines.vllm import engine_runtime_env
 from rare_ray.vocabulary import looks_secret
 from tests.helpers import REPO
 
@@ -218,6 +219,8 @@ def test_gpu_configs_are_set_for_a_cluster(path: Path):
     # Enough requests in flight to fill the engine's running batch (vLLM warns otherwise).
     max_num_seqs = engine.engine_kwargs.get("max_num_seqs", 1024)
     assert engine.batch_size * engine.max_concurrent_batches >= max_num_seqs
+    # GPU engines keep vLLM's own process layout; only CPU engines run the model in the core.
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_runtime_env(engine)["env_vars"]
     assert config.ray.address == "auto"
     assert config.input.startswith("s3://") and config.output.startswith("s3://")
     # Only env_vars: a pip or working_dir here would clash with the job's own runtime env.

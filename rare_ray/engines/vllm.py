@@ -83,7 +83,7 @@ WATCH_INTERVAL_S = 5.0
 # run's critical path, so their processes start at the driver's priority instead, the way
 # Ray's own job supervisor starts a job's driver; everything else keeps Ray's 15 and takes
 # what the engines leave. Measured by ``rare-ray bench pipeline`` (BENCHMARKS.md).
-ENGINE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+ENGINE_ENV_VARS = {"RAY_worker_niceness": "0"}
 # On a CPU, vLLM's platform puts the model in a third process (its multiprocessing executor)
 # next to the engine core, which waits on every step by spinning on a shared-memory queue
 # (``sched_yield`` for up to a second after each read). In a Ray actor, where vLLM must spawn
@@ -95,6 +95,14 @@ ENGINE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 # pipeline`` on 2 cores: the engine's processes used about one core instead of 1.7, at the
 # same generation speed (BENCHMARKS.md).
 CPU_ENGINE_ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def engine_runtime_env(engine: VLLMEngineConfig) -> dict[str, Any]:
+    """The replicas' runtime env (Ray merges it with the job's, ``env_vars`` key by key)."""
+    env_vars = dict(ENGINE_ENV_VARS)
+    if engine.device == "cpu" and engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
+        env_vars.update(CPU_ENGINE_ENV_VARS)
+    return {"env_vars": env_vars}
 
 
 def engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
@@ -174,7 +182,7 @@ class EngineReplica:
             "last_token_at": None,
             "busy_s": 0.0,
             "requests": 0,
-            "niceness": os.nice(0),  # its processes' CPU priority (ENGINE_RUNTIME_ENV)
+            "niceness": os.nice(0),  # its processes' CPU priority (ENGINE_ENV_VARS)
             "processes": _vllm_processes(),  # where the model runs (CPU_ENGINE_ENV_VARS)
         }
         self._running = 0
@@ -270,17 +278,13 @@ class VLLMPool:
             "max_task_retries": -1,  # bounded by max_restarts (see the module's "Restarts")
             # Requests of every batch in flight at once, plus the bench's report calls.
             "max_concurrency": 1000,
-            # Merged with the job's runtime env (Ray merges env_vars key by key).
-            "runtime_env": ENGINE_RUNTIME_ENV,
+            "runtime_env": engine_runtime_env(engine),
         }
         parallel = engine.tensor_parallel_size * engine.pipeline_parallel_size
         for _ in range(engine.replicas):
             actor_options = dict(options)
             if engine.device == "cpu":
                 actor_options["num_cpus"] = engine.cpus_per_replica
-                if parallel == 1:
-                    env_vars = {**ENGINE_RUNTIME_ENV["env_vars"], **CPU_ENGINE_ENV_VARS}
-                    actor_options["runtime_env"] = {"env_vars": env_vars}
             elif parallel == 1:
                 actor_options.update(num_cpus=1, num_gpus=1)
                 if engine.accelerator_type:
