@@ -190,6 +190,11 @@ class VLLMEngineConfig(_EngineSection):
         "on autoscaling clusters above a GPU node's start time.",
     )
 
+    @property
+    def workers_per_replica(self) -> int:
+        """vLLM workers of one replica (its GPUs, on a GPU engine): tensor x pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
 
 # Keys of VLLMEngineConfig.engine_kwargs that change only how fast or where vLLM runs. They
 # are not fields: engine_kwargs is a free-form dict passed through to vLLM's EngineArgs,

@@ -34,7 +34,7 @@ def check_gpus(engine: EngineConfig, cluster_resources: dict[str, float]) -> Non
         return  # an HTTP engine's GPUs are someone else's
     if not engine.check_resources:
         return
-    per_replica = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    per_replica = engine.workers_per_replica
     needed = engine.replicas * per_replica
     have = cluster_resources.get("GPU", 0)
     if have < needed:

@@ -100,14 +100,14 @@ CPU_ENGINE_ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 def engine_runtime_env(engine: VLLMEngineConfig) -> dict[str, Any]:
     """The replicas' runtime env (Ray merges it with the job's, ``env_vars`` key by key)."""
     env_vars = dict(ENGINE_ENV_VARS)
-    if engine.device == "cpu" and engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
+    if engine.device == "cpu" and engine.workers_per_replica == 1:
         env_vars.update(CPU_ENGINE_ENV_VARS)
     return {"env_vars": env_vars}
 
 
 def engine_kwargs(engine: VLLMEngineConfig) -> dict[str, Any]:
     """vLLM's ``AsyncEngineArgs`` for one replica (the model aside)."""
-    parallel = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    parallel = engine.workers_per_replica
     return {
         "max_model_len": engine.max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
@@ -280,7 +280,7 @@ class VLLMPool:
             "max_concurrency": 1000,
             "runtime_env": engine_runtime_env(engine),
         }
-        parallel = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        parallel = engine.workers_per_replica
         for _ in range(engine.replicas):
             actor_options = dict(options)
             if engine.device == "cpu":

@@ -290,7 +290,7 @@ class LLMOperator(Operator, Generic[ConfigT]):
             return Resources(cpus=engine.cpus_per_worker, workers=engine.workers)
         if engine.device == "cpu":
             return Resources(cpus=engine.cpus_per_replica, workers=engine.replicas)
-        gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        gpus = engine.workers_per_replica
         return Resources(cpus=1, gpus=gpus, workers=engine.replicas)
 
     def settings(self) -> dict[str, Any]:
