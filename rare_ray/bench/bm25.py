@@ -37,10 +37,9 @@ from pathlib import Path
 
 import ray
 
-from rare_ray.bench.common import read_jsonl
+from rare_ray.bench.common import PyseriniSearch, read_jsonl
 from rare_ray.config import STRICT_PRESET, BM25Config
 from rare_ray.engines.index_broadcast import IndexHandle, local_index, prebuilt_index
-from rare_ray.engines.lucene import LuceneSearcher
 from rare_ray.io.readers import SAMPLE_CORPUS, SAMPLE_QUESTIONS
 from rare_ray.operators import BM25HardNeg, StageContext
 
@@ -143,9 +142,7 @@ def plain_search_s(
 ) -> float:
     """Seconds plain pyserini takes to search ``questions`` (``batch_search`` in batches of
     ``config.batch_size``, ``config.depth`` hits each) on ``threads`` threads, in this process."""
-    searcher = LuceneSearcher(
-        local_index(index, config.local_dir), k1=config.k1, b=config.b, threads=threads
-    )
+    searcher = PyseriniSearch(local_index(index, config.local_dir), config.k1, config.b, threads)
     try:
         start = time.perf_counter()
         for i in range(0, len(questions), config.batch_size):

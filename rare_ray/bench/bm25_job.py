@@ -87,7 +87,8 @@ def _plain_main(input_path: str, output: str, threads: str, depth: str, num_neg:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rare_ray.engines.lucene import LuceneIndexWriter, LuceneSearcher
+    from rare_ray.bench.common import PyseriniSearch
+    from rare_ray.engines.lucene import LuceneIndexWriter
 
     with open(input_path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -97,7 +98,7 @@ def _plain_main(input_path: str, output: str, threads: str, depth: str, num_neg:
     for i in range(0, len(rows), 10_000):
         writer.add(ids[i : i + 10_000], [r["text"] for r in rows[i : i + 10_000]])
     writer.close()
-    searcher = LuceneSearcher(index_dir, k1=float(k1), b=float(b), threads=int(threads))
+    searcher = PyseriniSearch(index_dir, float(k1), float(b), int(threads))
     neg_ids: list[list[str]] = []
     negatives: list[list[str]] = []
     for i in range(0, len(rows), 1_000):
@@ -105,7 +106,7 @@ def _plain_main(input_path: str, output: str, threads: str, depth: str, num_neg:
         for own, found in zip(ids[i : i + 1_000], hits, strict=True):
             picked = [h for h in found if h.docid != own][: int(num_neg)]
             neg_ids.append([h.docid for h in picked])
-            negatives.append([h.text for h in picked])
+            negatives.append([searcher.text(h) for h in picked])
     searcher.close()
     table = pa.table({"id": ids, "question": [r["question"] for r in rows],
                       "negative_ids": neg_ids, "negatives": negatives})  # fmt: skip

@@ -1,11 +1,12 @@
-"""What the benches share: reading the sample files and reading engine starts from Ray's own
-task events (Ray itself starts through ``rare_ray.pipeline.init_ray``)."""
+"""What the benches share: reading the sample files, reading engine starts from Ray's own
+task events (Ray itself starts through ``rare_ray.pipeline.init_ray``), and plain pyserini's
+search, the baseline the BM25 benches measure against."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rare_ray.engines.vllm import REPLICA_CLASS
 
@@ -28,3 +29,45 @@ def engine_starts(since: float) -> list[tuple[float, float]]:
             if start >= since:
                 starts.append((start, float(event.get("dur", 0)) / 1e6))
     return sorted(starts)
+
+
+class PlainHit(NamedTuple):
+    docid: str
+    score: float
+    java: Any  # Anserini's ScoredDoc, for its stored document
+
+
+class PyseriniSearch:
+    """The baseline: a Lucene index searched as pyserini searches it, with Anserini's
+    ``SimpleSearcher.batch_search`` (what pyserini's ``LuceneSearcher.batch_search`` calls) on
+    ``threads`` Java threads, each hit's id and score read from the objects it returns, and a
+    text read from the hit's stored Lucene document when asked for.
+
+    Kept apart from ``rare_ray.engines.lucene.LuceneSearcher``, which searches the same way in
+    fewer bridge crossings: a change there must not move the line it is measured against.
+    """
+
+    def __init__(self, index_dir: str | Path, k1: float, b: float, threads: int):
+        from rare_ray.engines.jvm import java_class
+
+        self._searcher = java_class("io.anserini.search.SimpleSearcher")(str(index_dir))
+        self._searcher.set_bm25(float(k1), float(b))
+        self.threads = threads
+
+    def search(self, queries: list[str], depth: int) -> list[list[PlainHit]]:
+        from rare_ray.engines.jvm import java_list
+
+        qids = [str(i) for i in range(len(queries))]
+        results = self._searcher.batch_search(
+            java_list(queries), java_list(qids), int(depth), int(self.threads)
+        )
+        return [
+            [PlainHit(hit.docid, float(hit.score), hit) for hit in results.get(qid)] for qid in qids
+        ]
+
+    @staticmethod
+    def text(hit: PlainHit) -> str:
+        return str(hit.java.lucene_document.get("contents") or "")
+
+    def close(self) -> None:
+        self._searcher.close()

@@ -9,17 +9,21 @@ indexer with ``-storeContents``) gives them from Lucene.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from rare_ray.engines.jvm import java_class, java_list
+from rare_ray.engines.jvm import java_class
 from rare_ray.engines.texts import Bytes, IndexTexts
 
 # Anserini's default analyzer for English: Lucene's standard tokenizer, English stopwords and
 # the Porter stemmer. Named in the index fingerprint; change it and indexes are rebuilt.
 ANALYZER = "anserini-default-en (porter, english stopwords)"
+# The fields Anserini's indexer writes: a document's stored id and its indexed text.
+ID_FIELD = "id"
+CONTENTS_FIELD = "contents"
 
 
 def grouped_docid(docid: str, group: str | None) -> str:
@@ -46,26 +50,27 @@ class Hit:
     in an index built with groups, else None.
 
     The text comes from the index's ``IndexTexts`` when it has them (``locate``), else from
-    ``scored``, Anserini's hit (a ``ScoredDoc``), whose Lucene document is read only with the
-    text: handing a Java object to Python costs about 10 µs, and most of a query's ``depth``
-    hits are never looked at (three of fifty per question with the default filters).
+    Lucene's stored fields through ``source`` (one read per hit asked for: most of a query's
+    ``depth`` hits are never looked at, three of fifty per question with the default filters).
     """
 
-    __slots__ = ("_row", "_scored", "_text", "_texts", "docid", "group", "score")
+    __slots__ = ("_row", "_source", "_text", "_texts", "docid", "group", "lucene_docid", "score")
 
     def __init__(
         self,
         docid: str,
         score: float,
         text: str | None = None,
-        scored: Any = None,
         group: str | None = None,
+        lucene_docid: int = -1,
+        source: LuceneSearcher | None = None,
     ):
         self.docid = docid
         self.score = score
         self.group = group
+        self.lucene_docid = lucene_docid
         self._text = text
-        self._scored = scored
+        self._source = source
         self._texts: IndexTexts | None = None
         self._row = -1
 
@@ -79,9 +84,10 @@ class Hit:
         if self._text is None:
             if self._texts is not None:
                 self._text = self._texts.text(self._row)
+            elif self._source is not None:
+                self._text = self._source.stored_contents(self.lucene_docid)
             else:
-                document = None if self._scored is None else self._scored.lucene_document
-                self._text = (None if document is None else document.get("contents")) or ""
+                self._text = ""
         return self._text
 
     @property
@@ -131,9 +137,25 @@ class LuceneIndexWriter:
         self._writer.close()
 
 
-class LuceneSearcher:
-    """BM25 search over an index directory; one per process, thread-safe on the Java side.
+# One query's hits, as three arrays: stored ids, scores, Lucene's own document numbers.
+Found = tuple[list[str], list[float], list[int]]
 
+
+class LuceneSearcher:
+    """BM25 search over an index directory, as Anserini's ``SimpleSearcher`` searches it (its
+    analyzer, its bag-of-words query, ties broken by document id), one JVM call per query.
+
+    Why not ``SimpleSearcher.batch_search``, which pyserini calls: it hands each hit to Python
+    as a Java object (a bridge round trip per object, and two more for its id and score), and
+    reads each hit's stored Lucene document to get its id. On 20,000 Debian descriptions at
+    depth 51 that took 22 CPU-seconds, of which 9 were the bridge. Here Anserini's
+    ``ScoredDocs`` collects a query's hits into arrays, which cross the bridge in bulk: 14
+    CPU-seconds for the same hits in the same order. The scores are Lucene's own, as
+    ``score`` gives them; pyserini rounds its to 1e-4 (and takes 1e-6 off each tie, for
+    trec_eval).
+
+    ``threads``: queries searched at once. The bridge lets go of Python's lock while Java
+    runs, so threads search in parallel; Lucene's searcher is thread-safe.
     ``grouped``: the index was built with groups (``grouped_docid``); hits then carry their
     own id and group, and ``score`` takes ids with their groups.
     """
@@ -147,41 +169,93 @@ class LuceneSearcher:
         heap: str | None = None,
         grouped: bool = False,
     ):
-        self._searcher: Any = java_class("io.anserini.search.SimpleSearcher", heap)(str(index_dir))
-        self._searcher.set_bm25(float(k1), float(b))
-        self._index_dir = str(index_dir)
-        self._k1, self._b = float(k1), float(b)
-        self._scorer: Any = None
+        utils = java_class("io.anserini.index.IndexReaderUtils", heap)
+        self._reader: Any = utils.getReader(str(index_dir))
+        self._similarity: Any = java_class("org.apache.lucene.search.similarities.BM25Similarity")(
+            float(k1), float(b)
+        )
+        self._lucene: Any = java_class("org.apache.lucene.search.IndexSearcher")(self._reader)
+        self._lucene.setSimilarity(self._similarity)
+        # What SimpleSearcher searches with by default: its English analyzer (as the index was
+        # built), a bag-of-words query over the contents, and results sorted by score and then
+        # by stored id, so that ties do not depend on the order documents were indexed in.
+        self._analyzer: Any = java_class(
+            "io.anserini.analysis.DefaultEnglishAnalyzer"
+        ).newDefaultInstance()
+        self._query: Any = java_class("io.anserini.search.query.BagOfWordsQueryGenerator")()
+        sort_field = java_class("org.apache.lucene.search.SortField")
+        string_val = java_class("org.apache.lucene.search.SortField$Type").STRING_VAL
+        self._sort: Any = java_class("org.apache.lucene.search.Sort")(
+            sort_field.FIELD_SCORE, sort_field(ID_FIELD, string_val)
+        )
+        self._scored_docs: Any = java_class("io.anserini.search.ScoredDocs")
+        self._utils = utils
         self.threads = threads
         self.grouped = grouped
-        self.num_docs = int(self._searcher.get_total_num_docs())
+        self.num_docs = int(self._reader.maxDoc())
         self.texts = IndexTexts.of_index(index_dir)
 
     def score(self, query: str, docid: str, group: str | None = None) -> float | None:
         """The BM25 score of one document for ``query`` (0.0 when it matches no term), as
         ``search`` would give it at any depth; None when the index has no such document."""
-        if self._scorer is None:  # a reader of its own: SimpleSearcher's is not public
-            utils = java_class("io.anserini.index.IndexReaderUtils")
-            reader = utils.getReader(self._index_dir)
-            similarity = java_class("org.apache.lucene.search.similarities.BM25Similarity")
-            self._scorer = (utils, reader, similarity(self._k1, self._b))
-        utils, reader, similarity = self._scorer
         key = grouped_docid(docid, group) if self.grouped else docid
-        if utils.convertDocidToLuceneDocid(reader, key) < 0:
+        if self._utils.convertDocidToLuceneDocid(self._reader, key) < 0:
             return None
-        return float(utils.computeQueryDocumentScoreWithSimilarity(reader, key, query, similarity))
+        return float(
+            self._utils.computeQueryDocumentScoreWithSimilarity(
+                self._reader, key, query, self._similarity
+            )
+        )
+
+    def stored_contents(self, lucene_docid: int) -> str:
+        """A document's text as Lucene stored it (``-storeContents``), or "" without it."""
+        document = self._lucene.storedFields().document(int(lucene_docid))
+        return str(document.get(CONTENTS_FIELD) or "")
+
+    def _search_one(self, query: str, depth: int) -> Found:
+        top = self._lucene.search(
+            self._query.buildQuery(CONTENTS_FIELD, self._analyzer, query), depth, self._sort, True
+        )
+        scored = self._scored_docs.fromTopDocs(top, self._lucene)
+        return scored.docids, scored.scores, scored.lucene_docids
+
+    def _search_all(self, queries: list[str], depth: int) -> list[Found]:
+        threads = min(self.threads, len(queries))
+        if threads <= 1:
+            return [self._search_one(q, depth) for q in queries]
+        found: list[Found | None] = [None] * len(queries)
+        errors: list[BaseException] = []
+
+        def work(first: int) -> None:
+            try:
+                for i in range(first, len(queries), threads):
+                    found[i] = self._search_one(queries[i], depth)
+            except BaseException as e:  # raised again in the caller's thread
+                errors.append(e)
+            finally:  # a thread the JVM knows must say when it is gone
+                from jnius import detach
+
+                detach()
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if errors:
+            raise errors[0]
+        return cast(list[Found], found)
 
     def search(self, queries: list[str], depth: int) -> list[list[Hit]]:
         """The top ``depth`` hits of each query, best first."""
         if not queries:
             return []
-        qids = [str(i) for i in range(len(queries))]
-        results = self._searcher.batch_search(
-            java_list(queries), java_list(qids), int(depth), int(self.threads)
-        )
         out = [
-            [Hit(hit.docid, float(hit.score), scored=hit) for hit in results.get(qid)]
-            for qid in qids
+            [
+                Hit(docid, score, lucene_docid=lucene_docid, source=self)
+                for docid, score, lucene_docid in zip(docids, scores, lucene_docids, strict=True)
+            ]
+            for docids, scores, lucene_docids in self._search_all(queries, int(depth))
         ]
         hits = [hit for query_hits in out for hit in query_hits]
         if self.texts is not None:  # where each text is: one lookup for the whole batch
@@ -194,4 +268,4 @@ class LuceneSearcher:
         return out
 
     def close(self) -> None:
-        self._searcher.close()
+        self._reader.close()
