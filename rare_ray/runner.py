@@ -17,7 +17,9 @@ generates on an engine an earlier stage also uses waits for the stage before it 
 finishes that stage's shards first, so a killed run leaves whole stages behind it. Each stage
 starts its execution once the stage before it has committed a shard, so its workers (clients
 on the engines, searchers with their index) start while that stage runs, not after it, and
-not while the engines themselves start. Commits and resume are as for one stage alone: a shard
+not while the engines themselves start; a stage that waits for the whole of the stage before
+starts once that stage has finished (an execution that waits idle for longer than Ray Data's
+no-progress limit, 30 minutes, is failed by Ray Data). Commits and resume are as for one stage alone: a shard
 is committed once all its rows are written, and a stage's shard is only ever read once the
 stage before committed it.
 """
@@ -139,8 +141,15 @@ class ShardFeed:
 
     def wait_started(self) -> None:
         """Until the stage has committed a shard or finished; raises if it failed."""
+        self._wait(lambda: bool(self._holding) or self._complete)
+
+    def wait_finished(self) -> None:
+        """Until the stage has committed all its shards; raises if it failed."""
+        self._wait(lambda: self._complete)
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
         with self._changed:
-            self._changed.wait_for(lambda: self._holding or self._complete or self._error)
+            self._changed.wait_for(lambda: ready() or self._error is not None)
             if self._error is not None:
                 raise StageError(self._error)
 
@@ -305,7 +314,10 @@ def run_stages(
     def run_one(op: Operator, reads: Source, feed: ShardFeed, upstream: ShardFeed | None) -> None:
         try:
             if upstream is not None and not ckpt.pass_of(op.name, op.passes).complete():
-                upstream.wait_started()
+                # A stage that reads its input whole starts once it is whole, not before:
+                # Ray Data fails an execution that moves no block for 30 minutes, and at
+                # scale the stage before can take longer than that.
+                upstream.wait_finished() if reads.whole else upstream.wait_started()
             if before_stage is not None:
                 before_stage(op)
             start = time.perf_counter()

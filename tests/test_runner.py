@@ -123,6 +123,7 @@ class _Timed(Operator):
     name = "timed"
     delay_s = 0.0
     fail_shard: int | None = None
+    started_at = 0.0  # when run_pass made its execution
 
     @property
     def input_columns(self) -> Mapping[str, ColumnKind]:
@@ -146,6 +147,7 @@ class _Timed(Operator):
     def run_pass(
         self, ds: ray.data.Dataset, attempt: int, context: StageContext
     ) -> ray.data.Dataset:
+        self.started_at = time.time()
         one_at_a_time = {"compute": ray.data.TaskPoolStrategy(size=1)} if self.delay_s else {}
         return ds.repartition(target_num_rows_per_block=SHARD_ROWS).map_batches(
             self._stamp, batch_format="pyarrow", num_cpus=0.5, **one_at_a_time
@@ -182,7 +184,9 @@ class _OnTheEngine(_First):
     delay_s = 0.0
 
 
-def _side_by_side(tmp_path: Path, first: Operator) -> tuple[Checkpoints, dict[str, float]]:
+def _side_by_side(
+    tmp_path: Path, first: Operator
+) -> tuple[Checkpoints, dict[str, float], list[Operator]]:
     ckpt = Checkpoints(pafs.LocalFileSystem(), str(tmp_path / "out"))
     docs = [{"id": f"doc-{i}", "text": f"document {i}"} for i in range(SHARD_ROWS * N_SHARDS)]
     if not ckpt.pass_of(INGEST).complete():
@@ -191,9 +195,10 @@ def _side_by_side(tmp_path: Path, first: Operator) -> tuple[Checkpoints, dict[st
     context = StageContext(corpus=lambda: None, log=lambda _: None)  # type: ignore[arg-type,return-value]
     source = Source((ckpt.pass_of(INGEST),), "kept")
     operators = [first, _OnCPUs(), _OnTheEngine()]
-    return ckpt, run_stages(
+    seconds = run_stages(
         ckpt, operators, source, context, max_failed_batches=0, part_rows=SHARD_ROWS
     )
+    return ckpt, seconds, operators
 
 
 def _kept(ckpt: Checkpoints, stage: str) -> pa.Table:
@@ -204,7 +209,7 @@ def _kept(ckpt: Checkpoints, stage: str) -> pa.Table:
 def test_a_cpu_stage_follows_shard_by_shard_and_an_engine_stage_waits_for_the_whole(
     ray_local, tmp_path
 ):
-    ckpt, seconds = _side_by_side(tmp_path, _First())
+    ckpt, seconds, operators = _side_by_side(tmp_path, _First())
 
     assert list(seconds) == ["first", "on_cpus", "on_the_engine"]
     last = _kept(ckpt, "on_the_engine")
@@ -215,8 +220,12 @@ def test_a_cpu_stage_follows_shard_by_shard_and_an_engine_stage_waits_for_the_wh
     assert min(cpus_at) < max(first_at) - FIRST_BATCH_S
     # ...and each row only after the first stage had committed its shard.
     assert all(c > f for c, f in zip(cpus_at, first_at, strict=True))
-    # The stage on the first stage's engine began once the stage before it had finished.
+    # The stage on the first stage's engine began once the stage before it had finished: its
+    # execution too, not only its rows (an execution waiting idle for 30 minutes is failed by
+    # Ray Data, and at scale the stage before can take longer).
     assert min(engine_at) > max(cpus_at)
+    assert operators[2].started_at > max(cpus_at)
+    assert operators[1].started_at < max(first_at)  # the CPU stage's began before that
 
 
 def test_a_failing_stage_stops_the_stages_beside_it_and_a_rerun_finishes_every_row_once(
@@ -232,7 +241,7 @@ def test_a_failing_stage_stops_the_stages_beside_it_and_a_rerun_finishes_every_r
     assert len(committed["first"]) < N_SHARDS and not committed["on_the_engine"]
     assert committed["on_cpus"] <= committed["first"]  # never ahead of the stage before it
 
-    ckpt, _ = _side_by_side(tmp_path, _First())
+    ckpt, _, _ = _side_by_side(tmp_path, _First())
     assert sorted(_kept(ckpt, "on_the_engine")["id"].to_pylist()) == sorted(
         f"doc-{i}" for i in range(SHARD_ROWS * N_SHARDS)
     )
