@@ -397,7 +397,10 @@ class BM25Config(_Section):
         "to the tasks that feed them.",
     )
     threads_per_searcher: Annotated[int, MAY_CHANGE] = Field(
-        1, ge=1, description="Lucene search threads per actor."
+        1,
+        ge=1,
+        description="Threads per searcher actor, each searching one query at a time (Lucene "
+        "runs them in parallel: the JVM bridge lets go of Python's lock while it searches).",
     )
     index_threads: Annotated[int, MAY_CHANGE] = Field(
         1,
