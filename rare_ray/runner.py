@@ -19,9 +19,9 @@ starts its execution once the stage before it has committed a shard, so its work
 on the engines, searchers with their index) start while that stage runs, not after it, and
 not while the engines themselves start; a stage that waits for the whole of the stage before
 starts once that stage has finished (an execution that waits idle for longer than Ray Data's
-no-progress limit, 30 minutes, is failed by Ray Data). Commits and resume are as for one stage alone: a shard
-is committed once all its rows are written, and a stage's shard is only ever read once the
-stage before committed it.
+no-progress limit, 30 minutes, is failed by Ray Data). Commits and resume are as for one
+stage alone: a shard is committed once all its rows are written, and a stage's shard is only
+ever read once the stage before committed it.
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ class PlainHit(NamedTuple):
 
 class PyseriniSearch:
     """The baseline: a Lucene index searched as pyserini searches it, with Anserini's
-    ``SimpleSearcher.batch_search`` (what pyserini's ``LuceneSearcher.batch_search`` calls) on
-    ``threads`` Java threads, each hit's id and score read from the objects it returns, and a
-    text read from the hit's stored Lucene document when asked for.
+    ``SimpleSearcher.batch_search`` (what pyserini's ``LuceneSearcher.batch_search`` calls,
+    given ``threads`` as its thread count), each hit's id and score read from the objects it
+    returns, and a text read from the hit's stored Lucene document when asked for.
 
     Kept apart from ``rare_ray.engines.lucene.LuceneSearcher``, which searches the same way in
     fewer bridge crossings: a change there must not move the line it is measured against.
