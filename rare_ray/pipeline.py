@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from rare_ray.config import RayConfig, RunConfig
+from rare_ray.driver_cpu import DriverCPU
 from rare_ray.io.checkpoints import Checkpoints, Shard, fingerprint
 from rare_ray.io.manifest import estimated_cost, versions
 from rare_ray.io.publication import (
@@ -148,7 +149,18 @@ def run_operators(
     started = started or datetime.now(UTC)
     # CPU seconds of this process (all its threads: Ray's driver-side ones too), for the
     # manifest: what the driver costs, which must stay small next to the run's wall time.
-    cpu_start = time.process_time()
+    with DriverCPU() as driver_cpu:
+        return _run_operators(config, operators, corpus, fresh, started, driver_cpu)
+
+
+def _run_operators(
+    config: RunConfig,
+    operators: Sequence[Operator],
+    corpus: str | None,
+    fresh: bool,
+    started: datetime,
+    driver_cpu: DriverCPU,
+) -> dict[str, Any]:
     out = OutputDir(config.output)
     ckpt = out.checkpoints
     settings = _preflight(config, operators, corpus, out, fresh)
@@ -252,7 +264,9 @@ def run_operators(
             name: round(ckpt.commit_seconds(name), 3)
             for name in (INGEST, *(op.name for op in operators))
         },
-        "driver_cpu_seconds": round(time.process_time() - cpu_start, 3),
+        "driver_cpu_seconds": round(driver_cpu.seconds(), 3),
+        # Whose it is: Ray Data's executors (a thread each), the stages' threads, the rest.
+        "driver_cpu_by_thread": driver_cpu.by_thread(),
         "config": redact(config.model_dump(mode="json")),
         "publication": pub.to_json(),
     }

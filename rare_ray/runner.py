@@ -340,7 +340,9 @@ def run_stages(
         engines_before |= engines
         # Daemon threads: a stage left running after another failed must not hold the exit.
         args = (op, reads, feed, upstream)
-        threads.append(threading.Thread(target=run_one, args=args, daemon=True))
+        threads.append(
+            threading.Thread(target=run_one, args=args, name=f"stage-{op.name}", daemon=True)
+        )
     for thread in threads:
         thread.start()
     running = {op.name for op in operators}

@@ -5,6 +5,7 @@ SeaweedFS server the bench starts itself; BM25 is real pyserini."""
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from rare_ray.bench.overhead import write_corpus
 from rare_ray.testing.instant_server import reply_text
@@ -55,6 +56,10 @@ def test_the_bench_runs_the_job_on_both_stores_and_counts_what_it_costs(tmp_path
         assert r["engine_requests"] >= 3 * r["output_rows"]
         assert set(r["seconds"]) >= {"ingest", "doc2query", "bm25", "distill", "publish"}
         assert 0 < r["driver_cpu_s"] < r["wall_s"]
+        # Split by thread: it adds up, and each stage's Ray Data executor has its share.
+        split = r["driver_cpu_by_thread"]
+        assert sum(split.values()) == pytest.approx(r["driver_cpu_s"], abs=0.01 * len(split) + 0.05)
+        assert {f"StreamingExecutor-{stage}" for stage in ("doc2query", "bm25")} <= set(split)
         assert 0 < r["search_s"] < r["wall_s"]
         assert 0 < r["commit_s"] < r["wall_s"]
         # data/ and rejects/, the manifest and card, each stage's parts and commit records.
@@ -64,3 +69,8 @@ def test_the_bench_runs_the_job_on_both_stores_and_counts_what_it_costs(tmp_path
     # One table row per store, after the runs.
     table = [line for line in result.stdout.splitlines() if line.startswith(("| local", "| s3"))]
     assert len(table) == 2 and f"{ROWS:,}" in table[0]
+    assert all(len(row.split("|")) == len(table_header(result.stdout).split("|")) for row in table)
+
+
+def table_header(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("| store"))

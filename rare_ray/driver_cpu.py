@@ -1,0 +1,103 @@
+"""The driver's CPU seconds, in all and by thread: where a run's driver spends its CPU.
+
+The manifest gives both. The driver's CPU must stay small next to the run's wall time, and
+when it does not, the split says whose it is: Ray Data's executors (one scheduling loop per
+stage's execution, in a thread named after it), their iterators, the stages' own threads
+(commits, reading the parts written), the main thread, and what is left: Ray's and Arrow's
+native threads, which Python does not know by name, and threads that ended between samples.
+
+Threads are sampled from ``/proc/self/task`` every ``interval`` seconds (Linux; elsewhere only
+the total is given), so a thread's last ``interval`` before it ends goes to the remainder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from types import TracebackType
+
+# Ray Data names an execution's threads after its dataset ("<name>_<id>_<n>"): the id goes.
+_DATASET_ID = re.compile(r"_[0-9A-Za-z]{16,}_\d+$")
+# Python's default names ("Thread-7 (target)") and numbered threads ("iter_threaded_3").
+_NUMBERED = re.compile(r"^Thread-\d+ \((.*)\)$|[-_]\d+$")
+REMAINDER = "native and ended threads"
+
+
+def thread_group(name: str) -> str:
+    """``name`` without what differs between threads of the same role."""
+    name = _DATASET_ID.sub("", name)
+    return _NUMBERED.sub(lambda m: m.group(1) or "", name)
+
+
+def _thread_cpu(native_id: int, ticks: int) -> float | None:
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # ended since it was listed
+        return None
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+class DriverCPU:
+    """Measures this process's CPU from entering to ``seconds()``; ``by_thread()`` splits it."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self._start = time.process_time()
+        self._seen: dict[int, tuple[str, float, float]] = {}  # native id: name, first, last
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def __enter__(self) -> DriverCPU:
+        self._start = time.process_time()
+        if os.path.isdir("/proc/self/task"):
+            self._sample(initial=True)
+            self._sampler = threading.Thread(
+                target=self._run, name="rare-ray-driver-cpu", daemon=True
+            )
+            self._sampler.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self, initial: bool = False) -> None:
+        """Each live thread's CPU now; a thread first seen after the start counts from 0."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        for thread in threading.enumerate():
+            if thread.native_id is None:
+                continue
+            cpu = _thread_cpu(thread.native_id, ticks)
+            if cpu is None:
+                continue
+            first = cpu if initial else 0.0
+            name, first, _ = self._seen.get(thread.native_id, (thread.name, first, cpu))
+            self._seen[thread.native_id] = (name, first, cpu)
+
+    def seconds(self) -> float:
+        return time.process_time() - self._start
+
+    def by_thread(self) -> dict[str, float]:
+        """CPU seconds per group of threads (``thread_group``), largest first, and the
+        remainder; they add up to ``seconds()``. Empty where threads cannot be sampled."""
+        if self._sampler is None:
+            return {}
+        self._sample()
+        total = self.seconds()
+        groups: dict[str, float] = {}
+        for name, first, last in list(self._seen.values()):
+            group = thread_group(name)
+            groups[group] = groups.get(group, 0.0) + last - first
+        groups[REMAINDER] = max(0.0, total - sum(groups.values()))
+        return {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}

@@ -1,0 +1,45 @@
+import threading
+import time
+
+import pytest
+
+from rare_ray.driver_cpu import REMAINDER, DriverCPU, thread_group
+
+
+@pytest.mark.parametrize(
+    ("name", "group"),
+    [
+        ("StreamingExecutor-bm25_035AB7ntnnkwUSwi6Rc0OC_0", "StreamingExecutor-bm25"),
+        ("StreamingExecutor-dataset_035AB6PPPzG6uIHGIC9qTK_0", "StreamingExecutor-dataset"),
+        ("Thread-7 (run_one)", "run_one"),
+        ("iter_threaded_3", "iter_threaded"),
+        ("stage-doc2query", "stage-doc2query"),
+        ("MainThread", "MainThread"),
+        ("Thread-3", "Thread"),
+    ],
+)
+def test_thread_group(name: str, group: str) -> None:
+    assert thread_group(name) == group
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_by_thread_splits_the_process_cpu() -> None:
+    with DriverCPU(interval=0.05) as cpu:
+        # A thread that burns CPU and ends before the split is asked for: its time is kept.
+        burner = threading.Thread(target=_burn, args=(0.4,), name="burner-1")
+        burner.start()
+        burner.join()
+        _burn(0.2)
+        split = cpu.by_thread()
+        total = cpu.seconds()
+    assert split["burner"] >= 0.3
+    assert split["MainThread"] >= 0.15
+    assert REMAINDER in split
+    # The groups add up to the process's CPU (rounded to 0.01 s each).
+    assert sum(split.values()) == pytest.approx(total, abs=0.01 * len(split) + 0.02)
+    assert list(split.values()) == sorted(split.values(), reverse=True)
