@@ -82,15 +82,14 @@ class ShardBoard:
             self.failed[stage] = why
             self.changed.notify_all()
 
-    async def wait(self, stage: str, shards: Sequence[int], whole: bool) -> list[str]:
-        """The files of ``shards`` of ``stage`` once it committed them all (``whole``: once it
-        finished)."""
+    async def wait(self, stage: str, shards: Sequence[int]) -> list[str]:
+        """The files of ``shards`` of ``stage`` once it committed them all."""
         async with self.changed:
             while True:
                 if stage in self.failed:
                     raise StageError(self.failed[stage])
                 have = self.files.get(stage, {})
-                if stage in self.complete or (not whole and all(k in have for k in shards)):
+                if stage in self.complete or all(k in have for k in shards):
                     return [f for k in shards for f in have.get(k, [])]
                 await self.changed.wait()
 
@@ -202,10 +201,12 @@ class Source:
         when it is cut short. A plain task that reads its files is retried like any other, and
         its input lives on the driver's node. Tasks of a few thousand rows, not one per shard:
         each task costs a scheduling round and a block, whatever its size. With a feed, each
-        task first waits for its shards (one shard a task when they come one by one).
+        task first waits for its shard (one a task: they come one by one).
         """
-        if self.feed is not None:
+        if self.feed is not None and not self.whole:
             return self._read_as_committed(shards, self.feed)
+        # A whole source is read once the stage before has finished (``run_stages``): from
+        # its commit records, as if this were a rerun, in tasks that fuse with the stage's own.
         committed, wanted = self._shards(), set(shards)
         tasks = _runs(sorted(wanted & committed.keys()), {k: n for k, (_, n) in committed.items()})
         items = [{"files": [f for k in run for f in committed[k][0]]} for run in tasks]
@@ -215,15 +216,11 @@ class Source:
         )
 
     def _read_as_committed(self, shards: Iterable[int], feed: ShardFeed) -> ray.data.Dataset:
-        wanted = sorted(shards)
-        # All at once: runs as for a finished stage (sized by the most each shard can hold).
-        runs = _runs(wanted, feed.planned) if self.whole else [[k] for k in wanted]
-        items = [{"shards": run} for run in runs]
+        items = [{"shards": [k]} for k in sorted(shards)]
         read = functools.partial(
             _read_when_committed,
             board=feed.board,
             stage=feed.stage,
-            whole=self.whole,
             fs=self.passes[0].fs,
             rows=self.rows,
         )
@@ -263,13 +260,13 @@ def _runs(
 
 
 def _read_when_committed(
-    item: pa.Table, board: Any, stage: str, whole: bool, fs: pafs.FileSystem, rows: Rows
+    item: pa.Table, board: Any, stage: str, fs: pafs.FileSystem, rows: Rows
 ) -> pa.Table:
     """The rows of the shards ``item`` names, once the stage before has committed them."""
     import ray
 
     shards = item["shards"].to_pylist()[0]
-    files = ray.get(board.wait.remote(stage, shards, whole))
+    files = ray.get(board.wait.remote(stage, shards))
     # No file: shards with no rows at all. An empty block passes Ray Data's UDFs untouched.
     return _read_files(files, fs, rows) if files else pa.table({})
 

@@ -327,7 +327,8 @@ def _print_table(results: list[SizeResult]) -> None:
         for r in mine:
             print(r.markdown(mine[0] if r is not mine[0] else None), flush=True)
     for r in results:  # the driver's CPU seconds by thread, the largest first
-        split = ", ".join(f"{k} {v:.1f}" for k, v in list(r.driver_cpu_by_thread.items())[:10])
+        largest = sorted(r.driver_cpu_by_thread.items(), key=lambda kv: -kv[1])[:10]
+        split = ", ".join(f"{k} {v:.1f}" for k, v in largest)
         print(f"driver CPU (s) by thread, {r.store} {r.rows:,} rows: {split}", flush=True)
 
 
