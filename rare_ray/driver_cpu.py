@@ -46,7 +46,10 @@ class DriverCPU:
     def __init__(self, interval: float = 1.0):
         self.interval = interval
         self._start = time.process_time()
-        self._seen: dict[int, tuple[str, float, float]] = {}  # native id: name, first, last
+        # Per thread (native id and Python's ident together: Linux reuses ids of ended
+        # threads): its name, its CPU when first seen, and when last seen.
+        self._seen: dict[tuple[int, int | None], tuple[str, float, float]] = {}
+        self._lock = threading.Lock()  # the sampler's thread and ``by_thread``'s caller
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -75,15 +78,17 @@ class DriverCPU:
     def _sample(self, initial: bool = False) -> None:
         """Each live thread's CPU now; a thread first seen after the start counts from 0."""
         ticks = os.sysconf("SC_CLK_TCK")
-        for thread in threading.enumerate():
-            if thread.native_id is None:
-                continue
-            cpu = _thread_cpu(thread.native_id, ticks)
-            if cpu is None:
-                continue
-            first = cpu if initial else 0.0
-            name, first, _ = self._seen.get(thread.native_id, (thread.name, first, cpu))
-            self._seen[thread.native_id] = (name, first, cpu)
+        with self._lock:
+            for thread in threading.enumerate():
+                if thread.native_id is None:
+                    continue
+                cpu = _thread_cpu(thread.native_id, ticks)
+                if cpu is None:
+                    continue
+                key = (thread.native_id, thread.ident)
+                first = cpu if initial else 0.0
+                name, first, _ = self._seen.get(key, (thread.name, first, cpu))
+                self._seen[key] = (name, first, cpu)
 
     def seconds(self) -> float:
         return time.process_time() - self._start
@@ -96,7 +101,9 @@ class DriverCPU:
         self._sample()
         total = self.seconds()
         groups: dict[str, float] = {}
-        for name, first, last in list(self._seen.values()):
+        with self._lock:
+            seen = list(self._seen.values())
+        for name, first, last in seen:
             group = thread_group(name)
             groups[group] = groups.get(group, 0.0) + last - first
         groups[REMAINDER] = max(0.0, total - sum(groups.values()))
