@@ -200,8 +200,9 @@ class Source:
         whole read when a node it ran on is lost, and prints a traceback into a successful run
         when it is cut short. A plain task that reads its files is retried like any other, and
         its input lives on the driver's node. Tasks of a few thousand rows, not one per shard:
-        each task costs a scheduling round and a block, whatever its size. With a feed, each
-        task first waits for its shard (one a task: they come one by one).
+        each task costs a scheduling round and a block, whatever its size. A stage that
+        follows the one before shard by shard (a feed, not ``whole``) reads one shard a task,
+        each task first waiting for its shard.
         """
         if self.feed is not None and not self.whole:
             return self._read_as_committed(shards, self.feed)

@@ -1,3 +1,5 @@
+"""The driver's CPU split by thread (rare_ray.driver_cpu): the groups, and that they add up."""
+
 import threading
 import time
 
