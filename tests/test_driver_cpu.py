@@ -31,15 +31,27 @@ def _burn(seconds: float) -> None:
 
 
 def test_by_thread_splits_the_process_cpu() -> None:
+    burned, release = threading.Event(), threading.Event()
+
+    def burner() -> None:
+        _burn(0.4)
+        burned.set()
+        release.wait()
+
     with DriverCPU(interval=0.05) as cpu:
         # A thread that burns CPU and ends before the split is asked for: its time is kept.
-        burner = threading.Thread(target=_burn, args=(0.4,), name="burner-1")
-        burner.start()
-        burner.join()
+        # It ends only after a sample has seen all of its CPU (``by_thread`` samples), so
+        # the check does not depend on the sampler's thread getting the GIL in time.
+        thread = threading.Thread(target=burner, name="burner-1")
+        thread.start()
+        burned.wait()
+        assert cpu.by_thread()["burner"] >= 0.38
+        release.set()
+        thread.join()
         _burn(0.2)
         split = cpu.by_thread()
         total = cpu.seconds()
-    assert split["burner"] >= 0.3
+    assert split["burner"] >= 0.38  # 0.4 s, less a clock tick or two
     assert split["MainThread"] >= 0.15
     assert REMAINDER in split
     # The groups add up to the process's CPU (rounded to 0.01 s each).
