@@ -3,8 +3,9 @@
 The manifest gives both. The driver's CPU must stay small next to the run's wall time, and
 when it does not, the split says whose it is: Ray Data's executors (one scheduling loop per
 stage's execution, in a thread named after it), their iterators, the stages' own threads
-(commits, reading the parts written), the main thread, and what is left: Ray's and Arrow's
-native threads, which Python does not know by name, and threads that ended between samples.
+(commits, reading the parts written), the main thread, native threads that Python does not
+know (Ray's core worker, gRPC, Arrow's and the S3 client's pools), by the name the kernel
+gives them (``native: <name>``), and what is left: threads that ended between samples.
 
 Threads are sampled from ``/proc/self/task`` every ``interval`` seconds (Linux; elsewhere only
 the total is given), so a thread's last ``interval`` before it ends goes to the remainder.
@@ -22,7 +23,8 @@ from types import TracebackType
 _DATASET_ID = re.compile(r"_[0-9A-Za-z]{16,}_\d+$")
 # Python's default names ("Thread-7 (target)") and numbered threads ("iter_threaded_3").
 _NUMBERED = re.compile(r"^Thread-\d+ \((.*)\)$|[-_]\d+$")
-REMAINDER = "native and ended threads"
+REMAINDER = "ended threads"
+NATIVE = "native: "
 
 
 def thread_group(name: str) -> str:
@@ -31,13 +33,23 @@ def thread_group(name: str) -> str:
     return _NUMBERED.sub(lambda m: m.group(1) or "", name)
 
 
-def _thread_cpu(native_id: int, ticks: int) -> float | None:
+def _thread_stat(tid: int, ticks: int) -> tuple[float, int] | None:
+    """A thread's CPU seconds and its start time (in ticks since boot: with the id, it tells
+    a thread from a later one that got the same id), or None if it has ended."""
     try:
-        with open(f"/proc/self/task/{native_id}/stat") as f:
+        with open(f"/proc/self/task/{tid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:  # ended since it was listed
         return None
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return (int(fields[11]) + int(fields[12])) / ticks, int(fields[19])  # utime+stime, start
+
+
+def _native_name(tid: int) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return NATIVE + f.read().strip()
+    except OSError:
+        return NATIVE + "?"
 
 
 class DriverCPU:
@@ -46,9 +58,9 @@ class DriverCPU:
     def __init__(self, interval: float = 1.0):
         self.interval = interval
         self._start = time.process_time()
-        # Per thread (native id and Python's ident together: Linux reuses ids of ended
-        # threads): its name, its CPU when first seen, and when last seen.
-        self._seen: dict[tuple[int, int | None], tuple[str, float, float]] = {}
+        # Per thread (its id and start time: Linux reuses the ids of ended threads): its
+        # name, its CPU when first seen, and when last seen.
+        self._seen: dict[tuple[int, int], tuple[str, float, float]] = {}
         self._lock = threading.Lock()  # the sampler's thread and ``by_thread``'s caller
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -78,17 +90,20 @@ class DriverCPU:
     def _sample(self, initial: bool = False) -> None:
         """Each live thread's CPU now; a thread first seen after the start counts from 0."""
         ticks = os.sysconf("SC_CLK_TCK")
+        python = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
         with self._lock:
-            for thread in threading.enumerate():
-                if thread.native_id is None:
+            for tid in map(int, os.listdir("/proc/self/task")):
+                stat = _thread_stat(tid, ticks)
+                if stat is None:
                     continue
-                cpu = _thread_cpu(thread.native_id, ticks)
-                if cpu is None:
-                    continue
-                key = (thread.native_id, thread.ident)
-                first = cpu if initial else 0.0
-                name, first, _ = self._seen.get(key, (thread.name, first, cpu))
-                self._seen[key] = (name, first, cpu)
+                cpu, started = stat
+                key = (tid, started)
+                if key not in self._seen:
+                    name = python.get(tid) or _native_name(tid)
+                    self._seen[key] = (name, cpu if initial else 0.0, cpu)
+                else:
+                    name, first, _ = self._seen[key]
+                    self._seen[key] = (name, first, cpu)
 
     def seconds(self) -> float:
         return time.process_time() - self._start

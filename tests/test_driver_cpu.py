@@ -1,11 +1,13 @@
 """The driver's CPU split by thread (rare_ray.driver_cpu): the groups, and that they add up."""
 
+import _thread
+import sys
 import threading
 import time
 
 import pytest
 
-from rare_ray.driver_cpu import REMAINDER, DriverCPU, thread_group
+from rare_ray.driver_cpu import NATIVE, REMAINDER, DriverCPU, thread_group
 
 
 @pytest.mark.parametrize(
@@ -18,6 +20,8 @@ from rare_ray.driver_cpu import REMAINDER, DriverCPU, thread_group
         ("stage-doc2query", "stage-doc2query"),
         ("MainThread", "MainThread"),
         ("Thread-3", "Thread"),
+        ("native: grpc_global_tim", "native: grpc_global_tim"),
+        ("native: AwsEventLoop-2", "native: AwsEventLoop"),
     ],
 )
 def test_thread_group(name: str, group: str) -> None:
@@ -57,3 +61,24 @@ def test_by_thread_splits_the_process_cpu() -> None:
     # The groups add up to the process's CPU (rounded to 0.01 s each).
     assert sum(split.values()) == pytest.approx(total, abs=0.01 * len(split) + 0.02)
     assert list(split.values()) == sorted(split.values(), reverse=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads' names from /proc")
+def test_a_thread_python_does_not_know_is_named_by_the_kernel() -> None:
+    # A thread started below Python's threading module (as Ray's and Arrow's native threads
+    # are: threading.enumerate() does not list it), named through /proc as they name theirs.
+    burned, release = threading.Event(), threading.Event()
+
+    def native() -> None:
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write("rr-native-burn")
+        _burn(0.3)
+        burned.set()
+        release.wait()
+
+    with DriverCPU(interval=0.05) as cpu:
+        _thread.start_new_thread(native, ())
+        burned.wait()
+        split = cpu.by_thread()
+        release.set()
+    assert split[NATIVE + "rr-native-burn"] >= 0.28
