@@ -36,11 +36,18 @@ def thread_group(name: str) -> str:
 def _thread_stat(tid: int, ticks: int) -> tuple[float, int] | None:
     """A thread's CPU seconds and its start time (in ticks since boot: with the id, it tells
     a thread from a later one that got the same id), or None if it has ended."""
+    # os.open and os.read, not open(): a few threads' worth of Python's file objects each
+    # second would cost the sampler more than the reading itself.
     try:
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fd = os.open(f"/proc/self/task/{tid}/stat", os.O_RDONLY)
     except OSError:  # ended since it was listed
         return None
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return (int(fields[11]) + int(fields[12])) / ticks, int(fields[19])  # utime+stime, start
 
 
