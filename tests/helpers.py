@@ -80,6 +80,23 @@ def rare_ray(
     )
 
 
+def numba_cache_use(module: str, calls: str) -> dict[str, tuple[int, int]]:
+    """Runs ``calls`` in a new Python process after ``from <module> import *``; returns each of
+    the module's compiled kernels' cache (hits, misses) there: what a Ray worker that starts
+    and uses them pays."""
+    script = (
+        f"import json, {module} as m\nfrom {module} import *\n{calls}\n"
+        "print(json.dumps({k: [sum(f.stats.cache_hits.values()), "
+        "sum(f.stats.cache_misses.values())] for k, f in vars(m).items() "
+        "if hasattr(f, 'stats') and hasattr(f, 'py_func')}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {k: (hits, misses) for k, (hits, misses) in json.loads(done.stdout).items()}
+
+
 class ScriptedClient:
     """A test double for an engine client (``rare_ray.engines.contract.Client``), for the
     operators' own logic: answers every request at once with ``reply(row, messages,
