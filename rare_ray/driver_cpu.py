@@ -110,6 +110,10 @@ class DriverCPU:
                     self._seen[key] = (name, cpu if initial else 0.0, cpu)
                 else:
                     name, first, _ = self._seen[key]
+                    # A Python thread is listed by the kernel a moment before by Python: one
+                    # first seen in that moment gets its Python name at the next sample.
+                    if name.startswith(NATIVE) and tid in python:
+                        name = python[tid]
                     self._seen[key] = (name, first, cpu)
 
     def seconds(self) -> float:
