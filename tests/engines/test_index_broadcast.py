@@ -3,6 +3,7 @@
 import json
 import threading
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 
@@ -15,6 +16,7 @@ from rare_ray.engines.index_broadcast import (
     prebuilt_index,
 )
 from rare_ray.engines.lucene import LuceneSearcher
+from rare_ray.vocabulary import filesystem
 from tests.helpers import sample_questions, sample_rows
 
 
@@ -68,7 +70,7 @@ def test_a_partial_unpack_is_redone(built, tmp_path):
     assert LuceneSearcher(path).num_docs == 200
 
 
-def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built):
+def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built, s3_env, s3_prefix):
     shared = tmp_path / "shared"
     corpus = ray.data.from_items(sample_rows(200))
     key = build_key("corpus-digest", "text", None, 0.9, 0.4)
@@ -90,6 +92,14 @@ def test_shared_storage_and_prebuilt_index(ray_local, tmp_path, built):
     assert built_index(str(shared), key).fingerprint == handle.fingerprint
     assert built_index(str(shared), build_key("other", "text", None, 0.9, 0.4)) is None
     assert built_index(str(shared), build_key("corpus-digest", "text", None, 1.2, 0.4)) is None
+    # The same pair on an S3-compatible store, as bm25.prebuilt_index names it there. (The
+    # job's own runs on S3 write it there and reuse it: tests/test_resume.py.)
+    on_s3 = s3_env.uri(s3_prefix, "shared")
+    fs, root = filesystem(on_s3)
+    pafs.copy_files(str(shared), root, destination_filesystem=fs)
+    from_s3 = prebuilt_index(f"{on_s3}/{handle.fingerprint}.tar")
+    assert from_s3.fingerprint == handle.fingerprint and from_s3.uri.startswith("s3://")
+    assert LuceneSearcher(local_index(from_s3, tmp_path / "node-2")).num_docs == 200
     (shared / f"{handle.fingerprint}.json").unlink()  # an incomplete index is not reused
     assert built_index(str(shared), key) is None
 
