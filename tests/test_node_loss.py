@@ -16,8 +16,10 @@ from typing import Any
 import pyarrow.dataset as pads
 import pytest
 
+from rare_ray.engines.index_broadcast import UNPACK_LOG
 from tests.helpers import REPO
 from tests.node_loss_driver import (
+    COPIES,
     PUBLISH_ROWS_PER_FILE,
     QUESTIONS,
     RUN_DOCS,
@@ -41,6 +43,11 @@ def read_column(path: Path, column: str) -> list[Any]:
 
 def read_ids(path: Path) -> list[str]:
     return read_column(path, "id")
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines log's records (none when it is not there)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -69,6 +76,20 @@ def test_losing_the_node_that_built_the_index_mid_bm25_loses_no_row(tmp_path, ca
     redone = sum(b["rows"] for b in searches) - QUESTIONS
     on_lost_node = sum(b["rows"] for b in searches if b["node_id"] == removed)
     assert on_lost_node > 0 and 0 <= redone <= on_lost_node
+    # Each node that searched unpacked the one index once, in its own directory ...
+    nodes = tmp_path / "nodes"  # the job's bm25.local_dir, one directory a node
+    unpacks = {d.name: read_lines(d / UNPACK_LOG) for d in nodes.iterdir() if d.is_dir()}
+    assert {b["node_id"] for b in searches} <= set(unpacks)
+    assert all(len(u) == 1 and u[0]["node_id"] == node for node, u in unpacks.items()), unpacks
+    assert len({u[0]["fingerprint"] for u in unpacks.values()}) == 1
+    # ... and found the same negatives there: the copies of a question (searched on both
+    # nodes, before and after the loss) all got the same ones.
+    negatives: dict[str, set[tuple[str, ...]]] = {}
+    for row in read_rows(out / "data"):
+        question = row["id"].rsplit("-", 1)[0]
+        negatives.setdefault(question, set()).add(tuple(row["hard_negatives_ids"]))
+    assert len(negatives) == QUESTIONS // COPIES
+    assert all(len(found) == 1 for found in negatives.values())
     with capsys.disabled():
         print(
             f"\n[node loss: index builder mid-BM25] {redone} of {QUESTIONS} rows searched "

@@ -2,9 +2,14 @@
 pyserini, on a local Ray of 2 CPUs (CI's machine), where the searchers and the tasks that feed
 them must share the CPUs without waiting on each other forever."""
 
+import pytest
+
 from tests.helpers import rare_ray
 
 
+# A bench, three runs of the stage at a tiny size. The default suite checks what it guards in
+# test_bm25_job.py: the whole command on a Ray of 2 CPUs, searcher and feeding tasks beside.
+@pytest.mark.slow
 def test_the_bench_completes_on_two_cpus_and_prints_a_row_per_size():
     result = rare_ray(
         "bench",

@@ -1,9 +1,12 @@
 """``rare-ray bench bm25 --job``: the whole command against plain pyserini (real pyserini).
 
-Both sides run in processes of their own, as the bench runs them for users.
+Both sides run in processes of their own, as the bench runs them for users; the command on a
+Ray of 2 CPUs (CI's machine), where the searcher and the Ray tasks that feed it must share
+them without waiting on each other forever.
 """
 
 import pyarrow.parquet as pq
+import yaml
 
 from rare_ray.bench.bm25_job import plain_job
 from tests.helpers import REPO, rare_ray, sample_questions, sample_rows, write_jsonl
@@ -33,7 +36,11 @@ def test_plain_pyserini_mines_negatives_that_are_never_the_rows_own_document(tmp
 
 def test_the_bench_prints_a_row_per_file_with_the_command_and_the_floor(tmp_path):
     path = _questions_and_texts(tmp_path)
-    result = rare_ray("bench", "bm25", "--job", str(path), timeout=600)
+    config = yaml.safe_load((REPO / "configs/local.yaml").read_text())
+    config["ray"]["num_cpus"] = 2
+    (tmp_path / "two-cpus.yaml").write_text(yaml.safe_dump(config))
+    bench = ["bench", "bm25", "--job", str(path), "--config", str(tmp_path / "two-cpus.yaml")]
+    result = rare_ray(*bench, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("| this tree")]
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -68,6 +68,7 @@ def _bench_llm(config: Path, stage: str, tmp_path: Path) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # two engine starts and a warm-up for 6 rows: a bench, not a check
 def test_bench_llm_doc2query(tmp_path: Path, test_model: Path) -> None:
     stdout = _bench_llm(_small_config(tmp_path, test_model), "doc2query", tmp_path)
     assert "| doc2query | 6 |" in stdout

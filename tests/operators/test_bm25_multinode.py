@@ -3,6 +3,10 @@
 Each node has its own node-local directory. The index must be unpacked exactly once on every
 node that searched, searches must run on more than one node, and the negatives must be the
 same as a single-node run's.
+
+``slow``: two clusters of Ray of their own. The default suite checks the same on the run of
+tests/test_node_loss.py that loses a node mid-BM25 (one unpack a node; the copies of each
+question, searched on both nodes, all get the same negatives).
 """
 
 import json
@@ -16,6 +20,8 @@ from rare_ray.engines.index_broadcast import UNPACK_LOG
 from rare_ray.operators.bm25_hardneg import SEARCH_LOG
 from tests.helpers import REPO
 from tests.operators.bm25_cluster_driver import NODES
+
+pytestmark = pytest.mark.slow
 
 
 def _drive(mode: str, local_root: Path, out: Path) -> dict:
