@@ -66,14 +66,16 @@ def _start(config: Path, log: Path, env: dict[str, str] | None = None) -> subpro
     )
 
 
-def _wait(proc: subprocess.Popen, done: Callable[[], bool], what: str, log: Path) -> None:
+def _wait(
+    proc: subprocess.Popen, done: Callable[[], bool], what: str, log: Path, poll_s: float = 0.1
+) -> None:
     deadline = time.monotonic() + 900
     while not done():
         if proc.poll() is not None:
             pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(poll_s)
 
 
 def _kill_driver(proc: subprocess.Popen) -> None:
@@ -135,7 +137,8 @@ def _check_every_row_once(
 
 S3_DOCS = 24
 # Seconds the instant server waits before each answer: each LLM stage then lasts seconds
-# (12 shards one after another), time for the test to see a shard commit and stop the run.
+# (12 shards one after another), time for the test to see a shard commit and stop the run
+# before the next commits.
 LATENCY_S = 0.25
 
 
@@ -196,13 +199,21 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
     with running_instant_server(latency_s=LATENCY_S) as engine:
         config = _s3_config(tmp_path, s3_server, prefix, engine.base_url, "job")
 
-        # 1. Killed while Doc2Query has committed some of its shards and BM25 has its index.
+        # 1. Killed while Doc2Query has committed some of its shards and BM25 has its index
+        # (built from ingest's rows beside Doc2Query). Once a shard is committed the engine
+        # is stopped (SIGSTOP: every answer waits) until the index is built, so the kill
+        # lands mid-Doc2Query however long the build takes.
         log = tmp_path / "run-1.log"
         proc = _start(config, log, env)
         built = lambda: any(k.startswith("files/built-") for k in _keys(fs, f"{out}/_stages/bm25"))  # noqa: E731
         d2q = lambda: _s3_committed(fs, out, "doc2query")  # noqa: E731
-        _wait(proc, lambda: d2q() >= 1 and built(), "a doc2query shard and the index", log)
-        _kill_driver(proc)
+        _wait(proc, lambda: d2q() >= 1, "a doc2query shard", log)
+        os.kill(engine.pid, signal.SIGSTOP)
+        try:
+            _wait(proc, built, "the BM25 index", log)
+            _kill_driver(proc)
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
         after_first = d2q()
         assert 1 <= after_first < with_rows, "the kill was meant to land mid-Doc2Query"
         status = rare_ray("status", f"s3://{out}", env=env)
@@ -247,7 +258,9 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
         proc = _start(split, log, env)
         old = set(first["publication"]["files"])
         new_file = lambda: any(f"data/{k}" not in old for k in _keys(fs, f"{out}/data"))  # noqa: E731
-        _wait(proc, new_file, "a file of the new publication in data/", log)
+        # Looked for often: the whole publication (13 files by Ray tasks, then the manifest)
+        # can take well under a second.
+        _wait(proc, new_file, "a file of the new publication in data/", log, poll_s=0.01)
         _kill_driver(proc)
         assert _manifest(fs, out) == first, "the kill was meant to land mid-publish"
         assert old <= set(_published(fs, out))

@@ -107,6 +107,7 @@ async def serve(host: str, port: int, latency_s: float = 0.0) -> None:
 @dataclass(frozen=True)
 class InstantServer:
     base_url: str
+    pid: int  # the server's process: a test can stop it (SIGSTOP) to hold every answer
 
     def stats(self) -> dict[str, Any]:
         """Requests served so far and the server process's CPU seconds."""
@@ -132,7 +133,7 @@ def running_instant_server(
         line = proc.stdout.readline().strip()
         if not line.startswith("http://"):
             raise RuntimeError(f"the instant server did not start (exit code {proc.poll()})")
-        yield InstantServer(line)
+        yield InstantServer(line, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
