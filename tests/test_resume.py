@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -55,15 +55,32 @@ SHARD_ROWS = 2
 EMPTY = [{"id": "empty-1", "text": ""}, {"id": "empty-2", "text": " "}]  # rejected at ingest
 
 
-def _start(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "rare_ray.cli", "run", "--config", str(config)],
-        cwd=REPO,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,  # its own process group: the test can clean up after a kill
-    )
+Start = Callable[..., subprocess.Popen]
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    """``start(config, log, env=None)``: ``rare-ray run --config CONFIG`` in a process of its
+    own, output to ``log``. A run still going when the test ends (it failed midway) is
+    killed with every process it started, so that no Ray outlives the test."""
+    started: list[subprocess.Popen] = []
+
+    def run(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rare_ray.cli", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: no signal of the test's reaches it
+        )
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            _kill_driver(proc)
 
 
 def _wait(
@@ -163,7 +180,8 @@ def _keys(fs: pafs.FileSystem, root: str) -> list[str]:
     return [i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File]
 
 
-def _s3_committed(fs: pafs.FileSystem, out: str, stage: str) -> int:
+def _committed(fs: pafs.FileSystem, out: str | Path, stage: str) -> int:
+    """The shards ``stage`` has committed under ``out`` (its first pass)."""
     shard = re.compile(r"shard-\d+/_SUCCESS")
     return sum(bool(shard.fullmatch(k)) for k in _keys(fs, f"{out}/_stages/{stage}"))
 
@@ -184,7 +202,7 @@ def _manifest(fs: pafs.FileSystem, out: str) -> dict | None:
 
 @pytest.mark.timeout(1200)
 def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
-    tmp_path: Path, s3_server: S3Server
+    tmp_path: Path, s3_server: S3Server, start: Start
 ) -> None:
     fs, prefix = s3_server.filesystem(), f"resume-{tmp_path.name}"
     out = f"{s3_server.bucket}/{prefix}/out"
@@ -204,9 +222,9 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
         # is stopped (SIGSTOP: every answer waits) until the index is built, so the kill
         # lands mid-Doc2Query however long the build takes.
         log = tmp_path / "run-1.log"
-        proc = _start(config, log, env)
+        proc = start(config, log, env)
         built = lambda: any(k.startswith("files/built-") for k in _keys(fs, f"{out}/_stages/bm25"))  # noqa: E731
-        d2q = lambda: _s3_committed(fs, out, "doc2query")  # noqa: E731
+        d2q = lambda: _committed(fs, out, "doc2query")  # noqa: E731
         _wait(proc, lambda: d2q() >= 1, "a doc2query shard", log)
         os.kill(engine.pid, signal.SIGSTOP)
         try:
@@ -230,19 +248,19 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
 
         # 2. Rerun: Doc2Query resumes after its committed shards; killed mid-ReasonDistill.
         log = tmp_path / "run-2.log"
-        proc = _start(config, log, env)
-        _wait(proc, lambda: _s3_committed(fs, out, "distill") >= 1, "a distill shard", log)
+        proc = start(config, log, env)
+        _wait(proc, lambda: _committed(fs, out, "distill") >= 1, "a distill shard", log)
         _kill_driver(proc)
         text = log.read_text()
         assert f"in {total - after_first} shards, {after_first} shards committed before" in text
         # BM25 had not run, and its index is not built again.
         assert "BM25 index: using the one built before" in text
         assert "building the BM25 index" not in text
-        assert 1 <= _s3_committed(fs, out, "distill") < with_rows, "meant to land mid-distill"
+        assert 1 <= _committed(fs, out, "distill") < with_rows, "meant to land mid-distill"
 
         # 3. Rerun to the end: a plain directory read of data/ sees exactly the publication.
         log = tmp_path / "run-3.log"
-        assert _start(config, log, env).wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert start(config, log, env).wait(timeout=900) == 0, log.read_text()[-3000:]
         assert "bm25: complete, skipped" in log.read_text()
         first = _manifest(fs, out)
         assert first is not None
@@ -255,7 +273,7 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
             tmp_path, s3_server, prefix, engine.base_url, "split", validation_fraction=0.5
         )
         log = tmp_path / "run-4.log"
-        proc = _start(split, log, env)
+        proc = start(split, log, env)
         old = set(first["publication"]["files"])
         new_file = lambda: any(f"data/{k}" not in old for k in _keys(fs, f"{out}/data"))  # noqa: E731
         # Looked for often: the whole publication (13 files by Ray tasks, then the manifest)
@@ -270,7 +288,7 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
         # 5. Rerun to the end: the new publication is complete, and data/ holds its files
         # alone (the killed run's were the same names, written again).
         log = tmp_path / "run-5.log"
-        assert _start(split, log, env).wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert start(split, log, env).wait(timeout=900) == 0, log.read_text()[-3000:]
         second = _manifest(fs, out)
         assert second is not None and second["publication"]["id"] != first["publication"]["id"]
         assert _published(fs, out) == second["publication"]["files"]
@@ -282,6 +300,7 @@ def test_killed_mid_stage_and_mid_publish_on_s3_then_rerun_hold_every_row_once(
 # With vLLM, on local disk --------------------------------------------------------------------
 
 N_DOCS = 12
+LOCAL = pafs.LocalFileSystem()
 
 
 def _config(tmp: Path, test_model: Path, corpus: Path, name: str) -> Path:
@@ -298,10 +317,6 @@ def _config(tmp: Path, test_model: Path, corpus: Path, name: str) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _committed(out: Path, stage: str) -> int:
-    return len(list((out / "_stages" / stage).glob("shard-*/_SUCCESS")))
 
 
 def _shards(out: Path) -> int:
@@ -327,23 +342,26 @@ def setup(tmp_path_factory, test_model):
 
 @pytest.mark.slow  # three runs of vLLM on CPUs: the S3 test above proves the rest by default
 @pytest.mark.timeout(2400)  # three runs of the job, and a refused one
-def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
+def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup, start: Start):
     tmp, config = setup
     out = tmp / "resumed"
 
     # 1. Killed while Doc2Query has committed some of its shards.
     log = tmp / "run-1.log"
-    proc = _start(config, log)
+    proc = start(config, log)
     _wait(proc, lambda: (out / "_stages/ingest/_SUCCESS").exists(), "ingest", log)
     total = _shards(out)
     assert total == -(-(N_DOCS + 2) // SHARD_ROWS)  # rows as read, rejects too, cut by count
     # The BM25 index is built from ingest's rows while Doc2Query runs (in seconds, for 14 rows).
     index_built = lambda: any((out / "_stages/bm25/files").glob("built-*.json"))  # noqa: E731
     _wait(
-        proc, lambda: _committed(out, "doc2query") >= 1 and index_built(), "a doc2query shard", log
+        proc,
+        lambda: _committed(LOCAL, out, "doc2query") >= 1 and index_built(),
+        "a doc2query shard",
+        log,
     )
     _kill_driver(proc)
-    after_first = _committed(out, "doc2query")
+    after_first = _committed(LOCAL, out, "doc2query")
     assert 1 <= after_first < total, "the kill was meant to land mid-Doc2Query"
     status = rare_ray("status", str(out))
     assert "partial" in status.stdout and "not finished" in status.stdout
@@ -358,24 +376,26 @@ def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
 
     # 2. Rerun: Doc2Query resumes after its committed shards; killed in the middle of distill.
     log = tmp / "run-2.log"
-    proc = _start(config, log)
-    _wait(proc, lambda: _committed(out, "distill") >= 1, "a distill shard", log)
+    proc = start(config, log)
+    _wait(proc, lambda: _committed(LOCAL, out, "distill") >= 1, "a distill shard", log)
     _kill_driver(proc)
     resumed = f"in {total - after_first} shards, {after_first} shards committed before"
     assert resumed in log.read_text()
     # BM25 had not run, and its index is not built again.
     assert "BM25 index: using the one built before" in log.read_text()
     assert "building the BM25 index" not in log.read_text()
-    after_second = _committed(out, "distill")
+    after_second = _committed(LOCAL, out, "distill")
     assert 1 <= after_second < total, "the kill was meant to land mid-ReasonDistill"
 
     # 3. Rerun to the end; its engine actor is killed once distill has committed another shard.
     log = tmp / "run-3.log"
-    proc = _start(config, log)
-    _wait(proc, lambda: _committed(out, "distill") > after_second, "a new distill shard", log)
+    proc = start(config, log)
+    _wait(
+        proc, lambda: _committed(LOCAL, out, "distill") > after_second, "a new distill shard", log
+    )
     actor = _engine_actor(proc)
     assert actor is not None, "no vLLM engine actor found among the run's processes"
-    before = _committed(out, "distill")
+    before = _committed(LOCAL, out, "distill")
     actor.kill()
     assert before < total, "the engine was meant to die mid-stage"
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
@@ -386,5 +406,5 @@ def test_killed_driver_and_engine_then_rerun_hold_every_row_once(setup):
     # Every id once, as in an uninterrupted run, and the manifest reconciles.
     manifest = json.loads((out / "manifest.json").read_text())
     good = [r["id"] for r in sample_rows(N_DOCS)]
-    _check_every_row_once(pafs.LocalFileSystem(), out, good, manifest)
+    _check_every_row_once(LOCAL, out, good, manifest)
     assert "finished (manifest.json written)" in rare_ray("status", str(out)).stdout
